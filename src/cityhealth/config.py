@@ -1,0 +1,35 @@
+"""Settings, read once from CITYHEALTH_* environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CITYHEALTH_", extra="ignore")
+
+    #: SQLAlchemy URL; SQLite file under ./var by default, e.g.
+    #: postgresql+psycopg://postgres@127.0.0.1:5432/cityhealth in production.
+    database_url: str = "sqlite:///./var/cityhealth.db"
+    #: The FHIR package cache (the layout of the FHIR community's tools).
+    fhir_package_cache: Path = Path.home() / ".fhir" / "packages"
+    #: The package holding the official R4 definition bundles.
+    fhir_core_package: str = "hl7.fhir.r4.examples@4.0.1"
+    #: Where compiled definitions are cached for fast start-up.
+    var_dir: Path = Path("./var")
+    #: Public base URL of the FHIR endpoint; derived from each request when unset.
+    fhir_base_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    search_default_count: int = 20
+    search_max_count: int = 1000
+    #: Most results an _include / _revinclude may add to one page.
+    search_max_includes: int = 1000
+    log_level: str = "info"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

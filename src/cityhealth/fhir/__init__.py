@@ -1,0 +1,1 @@
+"""The FHIR R4 engine: definitions, validation, indexing, search, repository, REST."""
