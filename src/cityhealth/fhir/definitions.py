@@ -53,7 +53,7 @@ class SearchParam:
     description: str = ""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity, so it can key caches
 class Definitions:
     #: StructureDefinitions of resources and data types by type name (e.g. "Patient", "HumanName").
     structures: dict[str, dict[str, Any]]

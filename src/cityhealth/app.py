@@ -1,0 +1,107 @@
+"""The ASGI application: FHIR API, health and metrics, error handling and request logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy import text
+from starlette.exceptions import HTTPException
+
+from cityhealth import __version__
+from cityhealth.config import Settings, get_settings
+from cityhealth.db import Database
+from cityhealth.fhir.definitions import get_definitions
+from cityhealth.fhir.engine import FhirEngine
+from cityhealth.fhir.errors import FhirError
+from cityhealth.fhir.http import outcome_response
+from cityhealth.fhir.rest import build_router
+
+log = logging.getLogger("cityhealth.http")
+REQUESTS = Counter("cityhealth_http_requests_total", "HTTP requests", ["method", "status"])
+LATENCY = Histogram("cityhealth_http_request_seconds", "HTTP request latency", ["method"])
+_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly"}
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    db = db or Database(settings.database_url)
+    engine = FhirEngine(db, get_definitions(), settings)
+    app = FastAPI(
+        title="CityHealth",
+        version=__version__,
+        description="The Internet + healthcare platform of a city, on one FHIR R4 engine.",
+    )
+    app.state.engine = engine
+    app.include_router(build_router(engine))
+
+    @app.exception_handler(FhirError)
+    async def fhir_error(_request: Request, error: FhirError) -> Response:
+        return outcome_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        code = _HTTP_CODES.get(error.status_code, "processing")
+        detail = str(error.detail)
+        if error.status_code == 404:
+            detail = f"No route for {request.method} {request.url.path}"
+        return outcome_response(FhirError(error.status_code, code, detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError) -> Response:
+        return outcome_response(FhirError(400, "invalid", str(error.errors()[:3])))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return outcome_response(
+            FhirError(500, "exception", "The server could not complete the request; it was logged")
+        )
+
+    @app.middleware("http")
+    async def access_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-Id"] = request_id
+        REQUESTS.labels(request.method, str(response.status_code)).inc()
+        LATENCY.labels(request.method).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            # No query string: it may hold personal data (names, identifiers).
+            log.info(
+                orjson.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": request.method,
+                        "path": request.url.path,
+                        "status": response.status_code,
+                        "ms": round(elapsed * 1000, 2),
+                    }
+                ).decode()
+            )
+        return response
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> Response:
+        try:
+            with db.read() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as error:  # the check reports any database failure
+            body = {"status": "fail", "database": type(error).__name__}
+            return Response(orjson.dumps(body), 503, media_type="application/json")
+        return Response(orjson.dumps({"status": "ok"}), media_type="application/json")
+
+    @app.get("/metrics", tags=["operations"])
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

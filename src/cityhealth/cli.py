@@ -1,0 +1,77 @@
+"""The `cityhealth` command."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+import uvicorn
+
+from cityhealth.config import get_settings
+from cityhealth.fhir.packages import PackageError, install
+
+app = typer.Typer(help="CityHealth: the Internet + healthcare platform of a city.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(fhir_app, name="fhir")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Create or migrate the database to the latest schema."""
+    from cityhealth.migrate import upgrade
+
+    settings = get_settings()
+    try:
+        upgrade(settings.database_url, revision)
+    except Exception as error:  # one clear line instead of a traceback
+        _fail(f"database upgrade failed: {error}")
+    typer.echo(f"database at {revision}")
+
+
+@fhir_app.command("install")
+def fhir_install(
+    spec: str = typer.Argument(..., help="NAME@VERSION, e.g. hl7.fhir.r4.examples@4.0.1"),
+    force: bool = typer.Option(False, help="Reinstall even if present."),
+) -> None:
+    """Fetch a FHIR package (npm pack), verify its checksum and put it in the package cache."""
+    settings = get_settings()
+    try:
+        path = install(settings.fhir_package_cache, spec, force=force)
+    except PackageError as error:
+        _fail(str(error))
+    typer.echo(f"{spec} installed in {path}")
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Address to listen on."),
+    port: int | None = typer.Option(None, help="Port to listen on."),
+    workers: int | None = typer.Option(None, help="Worker processes."),
+) -> None:
+    """Migrate the database, then serve the platform (FHIR at /fhir, OpenAPI at /docs)."""
+    from cityhealth.fhir.definitions import get_definitions
+    from cityhealth.migrate import upgrade
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    try:
+        get_definitions()
+        upgrade(settings.database_url)
+    except PackageError as error:
+        _fail(str(error))
+    uvicorn.run(
+        "cityhealth.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.workers,
+        log_level=settings.log_level,
+        access_log=False,
+    )

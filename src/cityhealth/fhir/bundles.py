@@ -1,0 +1,325 @@
+"""Transaction and batch Bundles (http.html#transaction, bundle.html).
+
+A transaction is one database transaction: entries run in the order DELETE, POST, PUT/PATCH,
+GET; `urn:uuid:` full URLs and conditional references (`Patient?identifier=…`) are resolved
+first and rewritten everywhere in the resources; any failure rolls everything back. A batch
+runs each entry on its own and reports each entry's status.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from sqlalchemy import Connection
+
+from cityhealth.fhir.access import AccessContext
+from cityhealth.fhir.engine import JSON_PATCH, FhirEngine, query_pairs
+from cityhealth.fhir.errors import FhirError, bad_request, precondition_failed
+from cityhealth.fhir.responses import searchset
+from cityhealth.fhir.store import Stored
+
+ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+_STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+_CONDITIONAL_REF = re.compile(r"^[A-Z][A-Za-z]+\?.+")
+
+
+@dataclass
+class Entry:
+    index: int
+    method: str
+    url: str
+    resource: Any
+    full_url: str | None
+    if_none_exist: str | None
+    if_match: int | None
+    target_id: str | None = None  # id decided before processing (POST / conditional PUT)
+    response: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path.strip("/")
+
+    @property
+    def query(self) -> str:
+        return urlsplit(self.url).query
+
+    @property
+    def rtype(self) -> str:
+        return self.path.split("/")[0]
+
+
+def _status(code: int) -> str:
+    return _STATUS_TEXT.get(code, str(code))
+
+
+def _parse_if_match(value: Any) -> int | None:
+    if value is None:
+        return None
+    tag = str(value).strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise bad_request(f"ifMatch '{value}' is not a version ETag")
+    return int(tag)
+
+
+class BundleProcessor:
+    def __init__(self, engine: FhirEngine) -> None:
+        self.engine = engine
+
+    def process(self, ctx: AccessContext, bundle: Any, base: str) -> dict[str, Any]:
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise bad_request("POST to the base takes a Bundle", "resourceType")
+        kind = bundle.get("type")
+        if kind not in ("transaction", "batch"):
+            raise bad_request("Bundle.type must be 'transaction' or 'batch'", "Bundle.type")
+        self.engine.repository.validate(bundle, "Bundle")
+        entries = [self._entry(i, e, kind) for i, e in enumerate(bundle.get("entry", []))]
+        if kind == "transaction":
+            with self.engine.db.write() as conn:
+                self._transaction(ctx, entries, conn, base)
+        else:
+            for entry in sorted(entries, key=lambda e: ORDER.get(e.method, 9)):
+                self._batch_entry(ctx, entry, base)
+        return {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": f"{kind}-response",
+            "entry": [e.response for e in entries],
+        }
+
+    def _entry(self, index: int, raw: Any, kind: str) -> Entry:
+        where = f"Bundle.entry[{index}]"
+        request = raw.get("request") if isinstance(raw, dict) else None
+        if not isinstance(request, dict) or "method" not in request or "url" not in request:
+            raise bad_request(
+                f"{where}: a {kind} entry needs request.method and request.url", where
+            )
+        method = request["method"]
+        if method not in ORDER:
+            raise bad_request(
+                f"{where}: method {method} is not supported", f"{where}.request.method"
+            )
+        return Entry(
+            index=index,
+            method=method,
+            url=request["url"],
+            resource=raw.get("resource"),
+            full_url=raw.get("fullUrl"),
+            if_none_exist=request.get("ifNoneExist"),
+            if_match=_parse_if_match(request.get("ifMatch")),
+        )
+
+    # -- transaction ----------------------------------------------------------------------
+    def _transaction(
+        self, ctx: AccessContext, entries: list[Entry], conn: Connection, base: str
+    ) -> None:
+        ordered = sorted(entries, key=lambda e: ORDER[e.method])
+        targets = [
+            f"{e.rtype}/{e.path.split('/')[1]}"
+            for e in entries
+            if e.method in ("PUT", "PATCH", "DELETE") and "/" in e.path
+        ]
+        duplicates = {t for t in targets if targets.count(t) > 1}
+        if duplicates:
+            raise bad_request(f"The transaction changes {sorted(duplicates)[0]} more than once")
+        for entry in ordered:
+            if entry.method == "DELETE":
+                self._run(ctx, entry, conn, base)
+        mapping = self._identities(ctx, entries, conn)
+        for entry in entries:
+            if entry.resource is not None:
+                entry.resource = self._rewrite(entry.resource, mapping, conn)
+        for entry in ordered:
+            if entry.method != "DELETE":
+                try:
+                    self._run(ctx, entry, conn, base)
+                except FhirError as error:
+                    error.diagnostics = f"Bundle.entry[{entry.index}]: {error.diagnostics}"
+                    error.issues = []
+                    error.__post_init__()
+                    raise
+
+    def _identities(
+        self, ctx: AccessContext, entries: list[Entry], conn: Connection
+    ) -> dict[str, str]:
+        """fullUrl → `Type/id` for every entry whose identity is known before it runs."""
+        mapping: dict[str, str] = {}
+        for entry in entries:
+            if entry.method == "POST":
+                if entry.if_none_exist:
+                    hits = self.engine.find(conn, entry.rtype, entry.if_none_exist)
+                    if len(hits) > 1:
+                        raise precondition_failed(
+                            f"Bundle.entry[{entry.index}]: ifNoneExist matches more than one resource"
+                        )
+                    entry.target_id = hits[0].id if hits else str(uuid.uuid4())
+                    if hits:
+                        entry.response = {
+                            "response": {
+                                "status": _status(200),
+                                "location": f"{entry.rtype}/{hits[0].id}",
+                            }
+                        }
+                else:
+                    entry.target_id = str(uuid.uuid4())
+            elif entry.method == "PUT" and entry.query:
+                hits = self.engine.find(conn, entry.rtype, entry.query)
+                if len(hits) > 1:
+                    raise precondition_failed(
+                        f"Bundle.entry[{entry.index}]: criteria match more than one resource"
+                    )
+                entry.target_id = (
+                    hits[0].id
+                    if hits
+                    else (
+                        entry.resource.get("id")
+                        if isinstance(entry.resource, dict) and entry.resource.get("id")
+                        else str(uuid.uuid4())
+                    )
+                )
+            elif entry.method == "PUT":
+                entry.target_id = entry.path.split("/")[1] if "/" in entry.path else None
+            if entry.full_url and entry.target_id:
+                mapping[entry.full_url] = f"{entry.rtype}/{entry.target_id}"
+        return mapping
+
+    def _rewrite(self, value: Any, mapping: dict[str, str], conn: Connection) -> Any:
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if key == "reference" and isinstance(item, str):
+                    out[key] = self._reference(item, mapping, conn)
+                else:
+                    out[key] = self._rewrite(item, mapping, conn)
+            return out
+        if isinstance(value, list):
+            return [self._rewrite(v, mapping, conn) for v in value]
+        if isinstance(value, str) and value in mapping:
+            return mapping[value]
+        return value
+
+    def _reference(self, reference: str, mapping: dict[str, str], conn: Connection) -> str:
+        if reference in mapping:
+            return mapping[reference]
+        if _CONDITIONAL_REF.match(reference):
+            rtype, _, criteria = reference.partition("?")
+            hits = self.engine.find(conn, rtype, criteria)
+            if len(hits) != 1:
+                found = "no" if not hits else "more than one"
+                raise precondition_failed(
+                    f"The conditional reference {reference} matches {found} resource"
+                )
+            mapping[reference] = f"{rtype}/{hits[0].id}"
+            return mapping[reference]
+        return reference
+
+    # -- one entry ------------------------------------------------------------------------
+    def _batch_entry(self, ctx: AccessContext, entry: Entry, base: str) -> None:
+        try:
+            with self.engine.db.write() as conn:
+                if entry.resource is not None:
+                    entry.resource = self._rewrite(entry.resource, {}, conn)
+                self._run(ctx, entry, conn, base)
+        except FhirError as error:
+            entry.response = {"response": {"status": str(error.status), "outcome": error.outcome()}}
+
+    def _written(self, entry: Entry, stored: Stored, status: int) -> None:
+        entry.response = {
+            "fullUrl": f"{stored.type}/{stored.id}",
+            "response": {
+                "status": _status(status),
+                "location": f"{stored.type}/{stored.id}/_history/{stored.version}",
+                "etag": stored.etag,
+                "lastModified": stored.last_updated_instant,
+            },
+        }
+
+    def _run(self, ctx: AccessContext, entry: Entry, conn: Connection, base: str) -> None:
+        engine, parts = self.engine, entry.path.split("/")
+        rtype = parts[0]
+        if entry.method == "POST":
+            if entry.response:  # ifNoneExist already matched
+                return
+            if len(parts) != 1:
+                raise bad_request(f"POST url must be a resource type, not '{entry.url}'")
+            if entry.target_id is None and entry.if_none_exist:
+                created = engine.create(ctx, rtype, entry.resource, entry.if_none_exist, conn)
+                self._written(entry, created.write.stored, created.status)
+                return
+            engine.repository.check_type(rtype)
+            result = engine.repository.create(ctx, entry.resource, rtype, conn, rid=entry.target_id)
+            self._written(entry, result.stored, 201)
+        elif entry.method == "PUT":
+            if entry.query:
+                if entry.target_id and isinstance(entry.resource, dict):
+                    entry.resource["id"] = entry.target_id
+                    result = engine.update(
+                        ctx, rtype, entry.target_id, entry.resource, entry.if_match, conn
+                    )
+                else:
+                    result = engine.conditional_update(
+                        ctx, rtype, entry.query, entry.resource, entry.if_match, conn
+                    )
+            elif len(parts) == 2:
+                result = engine.update(ctx, rtype, parts[1], entry.resource, entry.if_match, conn)
+            else:
+                raise bad_request(f"PUT url must be Type/id or Type?criteria, not '{entry.url}'")
+            self._written(entry, result.stored, 201 if result.created else 200)
+        elif entry.method == "PATCH":
+            if len(parts) != 2:
+                raise bad_request(f"PATCH url must be Type/id, not '{entry.url}'")
+            content_type, patch = self._patch_body(entry.resource)
+            result = engine.patch(ctx, rtype, parts[1], content_type, patch, entry.if_match, conn)
+            self._written(entry, result.stored, 200)
+        elif entry.method == "DELETE":
+            if entry.query:
+                engine.conditional_delete(ctx, rtype, entry.query, conn)
+            elif len(parts) == 2:
+                engine.repository.delete(ctx, rtype, parts[1], conn)
+            else:
+                raise bad_request(f"DELETE url must be Type/id or Type?criteria, not '{entry.url}'")
+            entry.response = {"response": {"status": _status(204)}}
+        else:
+            self._read(ctx, entry, conn, base)
+
+    @staticmethod
+    def _patch_body(resource: Any) -> tuple[str, Any]:
+        if isinstance(resource, dict) and resource.get("resourceType") == "Binary":
+            try:
+                data = orjson.loads(base64.b64decode(resource.get("data", "")))
+            except (ValueError, orjson.JSONDecodeError):
+                raise bad_request("The Binary of a PATCH entry must hold a JSON Patch") from None
+            return JSON_PATCH, data
+        return "application/fhir+json", resource
+
+    def _read(self, ctx: AccessContext, entry: Entry, conn: Connection, base: str) -> None:
+        engine, parts = self.engine, entry.path.split("/")
+        if len(parts) == 1:
+            search = engine.parse_search(parts[0], query_pairs(entry.query))
+            result = engine.search(ctx, search, base, conn)
+            body = searchset(
+                engine.definitions, result, base, f"{base}/{parts[0]}", search.canonical()
+            )
+            entry.response = {"resource": orjson.loads(body), "response": {"status": _status(200)}}
+            return
+        if len(parts) == 2:
+            stored = engine.repository.read(ctx, parts[0], parts[1], conn)
+        elif len(parts) == 4 and parts[2] == "_history":
+            stored = engine.repository.vread(ctx, parts[0], parts[1], parts[3], conn)
+        else:
+            raise bad_request(f"GET url '{entry.url}' is not supported in a Bundle")
+        assert stored.body is not None
+        entry.response = {
+            "fullUrl": f"{base}/{stored.type}/{stored.id}",
+            "resource": orjson.loads(stored.body),
+            "response": {
+                "status": _status(200),
+                "etag": stored.etag,
+                "lastModified": stored.last_updated_instant,
+            },
+        }

@@ -1,0 +1,283 @@
+"""The FHIR interactions (http.html) over the repository: conditional create / update / delete,
+patch, search, history and $everything. The REST router and bundle processing both call this,
+so a transaction entry behaves exactly like the same request made alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from sqlalchemy import Connection, and_, or_, select
+
+from cityhealth.config import Settings
+from cityhealth.db import Database
+from cityhealth.fhir.access import AccessContext
+from cityhealth.fhir.datetimes import date_range
+from cityhealth.fhir.definitions import Definitions
+from cityhealth.fhir.errors import bad_request, precondition_failed, unprocessable
+from cityhealth.fhir.history import HistoryPage, history, parse_history_params
+from cityhealth.fhir.patch import PatchError, apply_fhir_patch, apply_json_patch
+from cityhealth.fhir.repository import Repository, WriteResult
+from cityhealth.fhir.schema import compartment, idx_reference, resource
+from cityhealth.fhir.search import Hit, SearchResult, Searcher, decode_cursor, encode_cursor
+from cityhealth.fhir.search_parse import QueryParser, SearchRequest
+
+JSON_PATCH = "application/json-patch+json"
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    write: WriteResult
+    status: int  # 201 created, 200 when If-None-Exist matched an existing resource
+
+
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    return parse_qsl(query, keep_blank_values=True)
+
+
+class FhirEngine:
+    def __init__(self, db: Database, definitions: Definitions, settings: Settings) -> None:
+        self.db = db
+        self.definitions = definitions
+        self.settings = settings
+        self.repository = Repository(db, definitions)
+        self.parser = QueryParser(
+            definitions, settings.search_default_count, settings.search_max_count
+        )
+        self.searcher = Searcher(self.parser, settings.search_max_includes)
+
+    # -- search -------------------------------------------------------------------------
+    def parse_search(
+        self, rtype: str, params: list[tuple[str, str]], lenient: bool = False
+    ) -> SearchRequest:
+        self.repository.check_type(rtype)
+        return self.parser.parse(rtype, params, lenient)
+
+    def search(
+        self,
+        ctx: AccessContext,
+        request: SearchRequest,
+        base_url: str | None = None,
+        conn: Connection | None = None,
+    ) -> SearchResult:
+        with self.repository.reading(conn) as tx:
+            return self.searcher.run(tx, request, base_url)
+
+    def find(self, conn: Connection, rtype: str, query: str) -> list[Hit]:
+        """Resources matching conditional criteria (at most two: enough to tell 0, 1, many)."""
+        params = [(k, v) for k, v in query_pairs(query) if not k.startswith("_format")]
+        if not params:
+            raise bad_request(f"Conditional criteria for {rtype} are empty")
+        request = self.parser.parse(rtype, params)
+        request.count = 2
+        request.includes = []
+        return self.searcher.run(conn, request, None).matches
+
+    # -- writes ---------------------------------------------------------------------------
+    def create(
+        self,
+        ctx: AccessContext,
+        rtype: str,
+        body: Any,
+        if_none_exist: str | None = None,
+        conn: Connection | None = None,
+    ) -> CreateResult:
+        self.repository.check_type(rtype)
+        with self.repository.transaction(conn) as tx:
+            if if_none_exist:
+                self.repository.validate(body, rtype)
+                hits = self.find(tx, rtype, if_none_exist)
+                if len(hits) > 1:
+                    raise precondition_failed(
+                        f"If-None-Exist '{if_none_exist}' matches more than one {rtype}"
+                    )
+                if hits:
+                    stored = self.repository.read(ctx, rtype, hits[0].id, tx)
+                    return CreateResult(WriteResult(stored, False), 200)
+            return CreateResult(self.repository.create(ctx, body, rtype, tx), 201)
+
+    def update(
+        self,
+        ctx: AccessContext,
+        rtype: str,
+        rid: str,
+        body: Any,
+        if_match: int | None = None,
+        conn: Connection | None = None,
+    ) -> WriteResult:
+        return self.repository.update(ctx, rtype, rid, body, if_match, conn)
+
+    def conditional_update(
+        self,
+        ctx: AccessContext,
+        rtype: str,
+        query: str,
+        body: Any,
+        if_match: int | None = None,
+        conn: Connection | None = None,
+    ) -> WriteResult:
+        self.repository.check_type(rtype)
+        self.repository.validate(body, rtype)
+        with self.repository.transaction(conn) as tx:
+            hits = self.find(tx, rtype, query)
+            if len(hits) > 1:
+                raise precondition_failed(f"The criteria '{query}' match more than one {rtype}")
+            if not hits:
+                if body.get("id"):
+                    return self.repository.update(ctx, rtype, body["id"], body, if_match, tx)
+                return self.repository.create(ctx, body, rtype, tx)
+            if body.get("id") not in (None, hits[0].id):
+                raise bad_request(
+                    f"The id in the body ({body['id']}) is not the matched resource ({hits[0].id})",
+                    "id",
+                )
+            body["id"] = hits[0].id
+            return self.repository.update(ctx, rtype, hits[0].id, body, if_match, tx)
+
+    def conditional_delete(
+        self, ctx: AccessContext, rtype: str, query: str, conn: Connection | None = None
+    ) -> int:
+        self.repository.check_type(rtype)
+        with self.repository.transaction(conn) as tx:
+            hits = self.find(tx, rtype, query)
+            if len(hits) > 1:
+                raise precondition_failed(f"The criteria '{query}' match more than one {rtype}")
+            for hit in hits:
+                self.repository.delete(ctx, rtype, hit.id, tx)
+            return len(hits)
+
+    def patch(
+        self,
+        ctx: AccessContext,
+        rtype: str,
+        rid: str,
+        content_type: str,
+        patch: Any,
+        if_match: int | None = None,
+        conn: Connection | None = None,
+    ) -> WriteResult:
+        with self.repository.transaction(conn) as tx:
+            current = self.repository.read(ctx, rtype, rid, tx)
+            if if_match is not None and current.version != if_match:
+                raise precondition_failed(
+                    f"Version {if_match} is not the current version of {rtype}/{rid}"
+                )
+            assert current.body is not None
+            original = orjson.loads(current.body)
+            try:
+                if content_type == JSON_PATCH:
+                    patched = apply_json_patch(original, patch)
+                elif isinstance(patch, dict) and patch.get("resourceType") == "Parameters":
+                    patched = apply_fhir_patch(original, patch)
+                else:
+                    raise bad_request(
+                        "A patch is a JSON Patch (application/json-patch+json) "
+                        "or a FHIR Patch Parameters resource (application/fhir+json)"
+                    )
+            except PatchError as error:
+                expression = (error.expression,) if error.expression else ()
+                raise unprocessable(f"The patch cannot be applied: {error}", *expression) from None
+            if patched.get("resourceType") != rtype or patched.get("id") != rid:
+                raise unprocessable("A patch may not change the resourceType or id")
+            return self.repository.update(ctx, rtype, rid, patched, None, tx, method="PATCH")
+
+    # -- history --------------------------------------------------------------------------
+    def history(
+        self,
+        ctx: AccessContext,
+        params: list[tuple[str, str]],
+        rtype: str | None = None,
+        rid: str | None = None,
+    ) -> HistoryPage:
+        if rtype:
+            self.repository.check_type(rtype)
+        query = parse_history_params(
+            params, self.settings.search_default_count, self.settings.search_max_count
+        )
+        query.rtype, query.rid = rtype, rid
+        with self.repository.reading() as tx:
+            if rtype and rid:
+                self.repository.read_any_version(ctx, rtype, rid, tx)
+            return history(tx, query)
+
+    # -- $everything ------------------------------------------------------------------------
+    def everything(
+        self, ctx: AccessContext, rid: str, params: list[tuple[str, str]]
+    ) -> SearchResult:
+        """The patient, the resources of their compartment, and what those reference (paged)."""
+        count = self.settings.search_default_count
+        cursor: str | None = None
+        types: list[str] = []
+        since: int | None = None
+        for name, value in params:
+            if name == "_count" and value.isdigit():
+                count = min(int(value), self.settings.search_max_count)
+            elif name == "_cursor":
+                cursor = value
+            elif name == "_type":
+                types = [t for t in value.split(",") if t]
+            elif name == "_since":
+                since = _since(value)
+            elif name not in ("_format", "_pretty"):
+                raise bad_request(f"Unknown $everything parameter '{name}'")
+        request = SearchRequest("Patient", count=count, cursor=cursor)
+        with self.repository.reading() as tx:
+            patient = self.repository.read(ctx, "Patient", rid, tx)
+            r = resource.alias("r")
+            members = select(compartment.c.rid).where(compartment.c.patient_id == rid)
+            where = [r.c.deleted.is_(False), or_(r.c.rid == patient.rid, r.c.rid.in_(members))]
+            if types:
+                where.append(r.c.type.in_(types))
+            if since is not None:
+                where.append(r.c.last_updated >= since)
+            if cursor:
+                _, keys = decode_cursor(cursor)
+                where.append(r.c.rid > keys[0])
+            rows = tx.execute(
+                select(r.c.rid, r.c.type, r.c.id, r.c.body)
+                .where(*where)
+                .order_by(r.c.rid)
+                .limit(count + 1)
+            ).all()
+            result = SearchResult(request)
+            result.matches = [Hit(x.rid, x.type, x.id, x.body) for x in rows[:count]]
+            if len(rows) > count:
+                result.next_cursor = encode_cursor("n", [rows[count - 1].rid])
+            result.included = self._referenced_outside(tx, result.matches, rid, types)
+        return result
+
+    def _referenced_outside(
+        self, conn: Connection, hits: list[Hit], patient_id: str, types: list[str]
+    ) -> list[Hit]:
+        """Resources the page references that are not in the compartment (organizations …)."""
+        if not hits:
+            return []
+        ref = idx_reference.alias()
+        t = resource.alias()
+        in_compartment = select(compartment.c.rid).where(compartment.c.patient_id == patient_id)
+        query = (
+            select(t.c.rid, t.c.type, t.c.id, t.c.body)
+            .distinct()
+            .select_from(
+                ref.join(t, and_(t.c.type == ref.c.target_type, t.c.id == ref.c.target_id))
+            )
+            .where(
+                ref.c.rid.in_([h.rid for h in hits]),
+                t.c.deleted.is_(False),
+                t.c.rid.not_in(in_compartment),
+                t.c.rid.not_in([h.rid for h in hits]),
+            )
+            .order_by(t.c.rid)
+        )
+        if types:
+            query = query.where(t.c.type.in_(types))
+        return [Hit(x.rid, x.type, x.id, x.body) for x in conn.execute(query)]
+
+
+def _since(value: str) -> int:
+    try:
+        return date_range(value)[0]
+    except ValueError:
+        raise bad_request(f"_since must be a FHIR instant, not '{value}'") from None

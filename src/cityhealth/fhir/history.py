@@ -1,0 +1,106 @@
+"""History of a resource, a type or the whole system (http.html#history), newest first,
+with `_since`, `_at`, `_count` and keyset paging that new versions cannot disturb."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, and_, func, or_, select
+
+from cityhealth.fhir.datetimes import date_range
+from cityhealth.fhir.errors import bad_request
+from cityhealth.fhir.schema import resource_history
+from cityhealth.fhir.search import decode_cursor, encode_cursor
+from cityhealth.fhir.store import Stored
+
+
+@dataclass
+class HistoryQuery:
+    rtype: str | None = None
+    rid: str | None = None
+    since: int | None = None  # microseconds, inclusive
+    at: int | None = None  # microseconds: the versions current at that instant
+    count: int = 20
+    cursor: str | None = None
+
+
+@dataclass
+class HistoryPage:
+    entries: list[Stored] = field(default_factory=list)
+    next_cursor: str | None = None
+    total: int | None = None
+
+
+def parse_history_params(
+    params: list[tuple[str, str]], default_count: int, max_count: int
+) -> HistoryQuery:
+    query = HistoryQuery(count=default_count)
+    for name, value in params:
+        if name in ("_since", "_at"):
+            try:
+                low, high = date_range(value)
+            except ValueError:
+                raise bad_request(f"{name} must be a FHIR instant, not '{value}'") from None
+            if name == "_since":
+                query.since = low
+            else:
+                query.at = high - 1
+        elif name == "_count":
+            if not value.isdigit():
+                raise bad_request(f"_count must be a non-negative integer, not '{value}'")
+            query.count = min(int(value), max_count)
+        elif name == "_cursor":
+            query.cursor = value
+        elif name not in ("_format", "_pretty", "_list", "_sort"):
+            raise bad_request(f"Unknown history parameter '{name}'")
+    return query
+
+
+def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
+    h = resource_history
+    where = []
+    if query.rtype:
+        where.append(h.c.type == query.rtype)
+    if query.rid:
+        where.append(h.c.id == query.rid)
+    if query.since is not None:
+        where.append(h.c.last_updated >= query.since)
+    if query.at is not None:
+        later = resource_history.alias()
+        current_then = (
+            select(func.max(later.c.version))
+            .where(later.c.rid == h.c.rid, later.c.last_updated <= query.at)
+            .scalar_subquery()
+        )
+        where.append(h.c.version == current_then)
+    page = HistoryPage()
+    if not query.cursor:
+        page.total = conn.execute(select(func.count()).select_from(h).where(*where)).scalar()
+    else:
+        _, keys = decode_cursor(query.cursor)
+        if len(keys) != 3:
+            raise bad_request("The paging cursor does not match this history")
+        updated, rid, version = keys
+        where.append(
+            or_(
+                h.c.last_updated < updated,
+                and_(h.c.last_updated == updated, h.c.rid < rid),
+                and_(h.c.last_updated == updated, h.c.rid == rid, h.c.version < version),
+            )
+        )
+    rows = conn.execute(
+        select(h)
+        .where(*where)
+        .order_by(h.c.last_updated.desc(), h.c.rid.desc(), h.c.version.desc())
+        .limit(query.count + 1)
+    ).all()
+    more = len(rows) > query.count
+    rows = rows[: query.count]
+    page.entries = [
+        Stored(r.rid, r.type, r.id, r.version, r.last_updated, r.deleted, r.body, r.method)
+        for r in rows
+    ]
+    if more and rows:
+        last = rows[-1]
+        page.next_cursor = encode_cursor("n", [last.last_updated, last.rid, last.version])
+    return page

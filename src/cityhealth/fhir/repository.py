@@ -1,0 +1,239 @@
+"""The one door to FHIR data: validate → index → write current, history and index rows, in one
+transaction. Every call takes the caller's AccessContext."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection
+
+from cityhealth.db import Database
+from cityhealth.fhir import store
+from cityhealth.fhir.access import AccessContext
+from cityhealth.fhir.clock import instant, now_us
+from cityhealth.fhir.definitions import Definitions
+from cityhealth.fhir.errors import (
+    FhirError,
+    OutcomeIssue,
+    bad_request,
+    gone,
+    not_found,
+    precondition_failed,
+)
+from cityhealth.fhir.indexing import Indexer
+from cityhealth.fhir.store import Stored
+from cityhealth.fhir.validation import Validator
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: Stored
+    created: bool  # a new resource (201) rather than a new version of one (200)
+
+
+class Repository:
+    def __init__(self, db: Database, definitions: Definitions) -> None:
+        self.db = db
+        self.definitions = definitions
+        self.validator = Validator(definitions)
+        self.indexer = Indexer(definitions)
+
+    # -- transactions ---------------------------------------------------------------------
+    @contextmanager
+    def transaction(self, conn: Connection | None = None) -> Iterator[Connection]:
+        """Join the caller's transaction, or open a write transaction."""
+        if conn is not None:
+            yield conn
+        else:
+            with self.db.write() as new:
+                yield new
+
+    @contextmanager
+    def reading(self, conn: Connection | None = None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.db.read() as new:
+                yield new
+
+    # -- checks ---------------------------------------------------------------------------
+    def check_type(self, rtype: str) -> None:
+        if not self.definitions.is_resource_type(rtype):
+            raise not_found(f"Unknown resource type '{rtype}'")
+
+    @staticmethod
+    def check_id(rid: str) -> None:
+        if not ID_PATTERN.match(rid):
+            raise bad_request(f"'{rid}' is not a valid resource id")
+
+    def validate(self, resource: Any, rtype: str | None = None) -> None:
+        if not isinstance(resource, dict):
+            raise bad_request("The body must be a JSON object (a FHIR resource)")
+        issues = [i for i in self.validator.validate(resource, rtype) if i.severity == "error"]
+        if issues:
+            raise FhirError(
+                400,
+                "invalid",
+                issues[0].diagnostics,
+                issues=[
+                    OutcomeIssue(i.severity, i.code, i.diagnostics, (i.expression,)) for i in issues
+                ],
+            )
+
+    # -- writes ---------------------------------------------------------------------------
+    def _stamp(self, resource: dict[str, Any], rid: str, version: int, us: int) -> str:
+        resource["id"] = rid
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = instant(us)
+        resource["meta"] = meta
+        return orjson.dumps(resource).decode()
+
+    def _patients(self, rtype: str, rid: str, rows: Any) -> set[str]:
+        if rtype == "Patient":
+            return {rid}
+        params = self.definitions.patient_compartment.get(rtype, ())
+        return {
+            target_id
+            for param, target_type, target_id, _url in rows.reference
+            if param in params and target_type == "Patient" and target_id
+        }
+
+    def _write(
+        self,
+        conn: Connection,
+        resource: dict[str, Any],
+        rtype: str,
+        rid: str,
+        previous: Stored | None,
+        method: str,
+    ) -> Stored:
+        version = previous.version + 1 if previous else 1
+        us = now_us()
+        body = self._stamp(resource, rid, version, us)
+        rows = self.indexer.index(resource)
+        if previous is None:
+            row_id = store.insert_new(conn, rtype, rid, version, us, body)
+        else:
+            row_id = previous.rid
+            store.replace_current(conn, row_id, version, us, body)
+            store.clear_index(conn, row_id)
+        stored = Stored(row_id, rtype, rid, version, us, False, body, method)
+        store.add_history(conn, stored)
+        store.write_index(conn, row_id, rtype, rows, self._patients(rtype, rid, rows))
+        return stored
+
+    def create(
+        self,
+        ctx: AccessContext,
+        resource: Any,
+        rtype: str | None = None,
+        conn: Connection | None = None,
+        rid: str | None = None,
+    ) -> WriteResult:
+        """Create with a server-assigned id (any id in the body is replaced)."""
+        rtype = rtype or (resource.get("resourceType") if isinstance(resource, dict) else None)
+        if not isinstance(rtype, str):
+            raise bad_request("The resource has no resourceType", "resourceType")
+        self.check_type(rtype)
+        self.validate(resource, rtype)
+        with self.transaction(conn) as tx:
+            stored = self._write(tx, resource, rtype, rid or str(uuid.uuid4()), None, "POST")
+        return WriteResult(stored, True)
+
+    def update(
+        self,
+        ctx: AccessContext,
+        rtype: str,
+        rid: str,
+        resource: Any,
+        if_match: int | None = None,
+        conn: Connection | None = None,
+        method: str = "PUT",
+    ) -> WriteResult:
+        """Update, or create with the client's id when the resource does not exist."""
+        self.check_type(rtype)
+        self.check_id(rid)
+        self.validate(resource, rtype)
+        if resource.get("id") is None:
+            raise bad_request("The resource must carry an id equal to the one in the URL", "id")
+        if resource.get("id") != rid:
+            raise bad_request(
+                f"The id in the body ({resource.get('id')}) differs from the URL ({rid})", "id"
+            )
+        with self.transaction(conn) as tx:
+            previous = store.current(tx, rtype, rid, lock=True)
+            if if_match is not None and (previous is None or previous.version != if_match):
+                have = "none" if previous is None or previous.deleted else previous.version
+                raise precondition_failed(
+                    f"Version {if_match} is not the current version of {rtype}/{rid} ({have})"
+                )
+            stored = self._write(tx, resource, rtype, rid, previous, method)
+        return WriteResult(stored, previous is None or previous.deleted)
+
+    def delete(
+        self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
+    ) -> Stored | None:
+        """Delete (kept in history); deleting what is absent or already deleted changes nothing."""
+        self.check_type(rtype)
+        self.check_id(rid)
+        with self.transaction(conn) as tx:
+            previous = store.current(tx, rtype, rid, lock=True)
+            if previous is None or previous.deleted:
+                return None
+            us = now_us()
+            stored = Stored(
+                previous.rid, rtype, rid, previous.version + 1, us, True, None, "DELETE"
+            )
+            store.replace_current(tx, previous.rid, stored.version, us, None)
+            store.clear_index(tx, previous.rid)
+            store.add_history(tx, stored)
+            return stored
+
+    # -- reads ----------------------------------------------------------------------------
+    def read(
+        self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
+    ) -> Stored:
+        self.check_type(rtype)
+        if not ID_PATTERN.match(rid):
+            raise not_found(f"{rtype}/{rid} is not known")
+        with self.reading(conn) as tx:
+            found = store.current(tx, rtype, rid)
+        if found is None:
+            raise not_found(f"{rtype}/{rid} is not known")
+        if found.deleted:
+            raise gone(f"{rtype}/{rid} was deleted")
+        return found
+
+    def vread(
+        self, ctx: AccessContext, rtype: str, rid: str, vid: str, conn: Connection | None = None
+    ) -> Stored:
+        self.check_type(rtype)
+        if not ID_PATTERN.match(rid) or not vid.isdigit():
+            raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
+        with self.reading(conn) as tx:
+            found = store.version(tx, rtype, rid, int(vid))
+        if found is None:
+            raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
+        if found.deleted:
+            raise gone(f"{rtype}/{rid} version {vid} is a deletion")
+        return found
+
+    def read_any_version(
+        self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
+    ) -> Stored:
+        """The current row even when it is a deletion (instance history needs it)."""
+        self.check_type(rtype)
+        with self.reading(conn) as tx:
+            found = store.current(tx, rtype, rid) if ID_PATTERN.match(rid) else None
+        if found is None:
+            raise not_found(f"{rtype}/{rid} is not known")
+        return found

@@ -1,0 +1,138 @@
+"""Tables of the FHIR store (SQLAlchemy Core; one schema for SQLite and PostgreSQL).
+
+`resource` holds the current version of each resource, `resource_history` every version
+(deletes included), one `idx_*` table per search-parameter kind, and `compartment` the Patient
+compartment membership. Index rows carry the resource type so that every search is a range
+scan on (type, param, value).
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# Prefix ranges (`value >= 'zha' AND value < 'zha\uffff'`) need byte order on PostgreSQL.
+Folded = Text().with_variant(Text(collation="C"), "postgresql")
+Key = String(64)
+RowId = BigInteger().with_variant(Integer, "sqlite")
+
+resource = Table(
+    "resource",
+    metadata,
+    Column("rid", RowId, primary_key=True, autoincrement=True),
+    Column("type", Key, nullable=False),
+    Column("id", Key, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),  # microseconds since the epoch, UTC
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", Text, nullable=True),  # the JSON as served, meta included; NULL once deleted
+    Index("ux_resource_type_id", "type", "id", unique=True),
+    Index("ix_resource_type_updated", "type", "last_updated"),
+)
+
+resource_history = Table(
+    "resource_history",
+    metadata,
+    Column("rid", RowId, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("type", Key, nullable=False),
+    Column("id", Key, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),  # POST PUT PATCH DELETE
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", Text, nullable=True),
+    Index("ix_history_type_updated", "type", "last_updated"),
+    Index("ix_history_updated", "last_updated"),
+)
+
+
+def _index_table(name: str, *columns: Column, lookup: tuple[str, ...]) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("rid", RowId, nullable=False),
+        Column("rtype", Key, nullable=False),
+        Column("param", Key, nullable=False),
+        *columns,
+        Index(f"ix_{name}_lookup", "rtype", "param", *lookup),
+        Index(f"ix_{name}_rid", "rid"),
+    )
+
+
+idx_token = _index_table(
+    "idx_token",
+    Column("system", Text()),
+    Column("code", Text()),
+    Column("text", Folded),
+    lookup=("code", "system"),
+)
+idx_string = _index_table(
+    "idx_string",
+    Column("value", Folded, nullable=False),
+    Column("exact", Text),
+    lookup=("value",),
+)
+idx_date = _index_table(
+    "idx_date",
+    Column("low", BigInteger, nullable=False),
+    Column("high", BigInteger, nullable=False),
+    lookup=("low", "high"),
+)
+idx_number = _index_table(
+    "idx_number",
+    Column("value", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    lookup=("value",),
+)
+idx_quantity = _index_table(
+    "idx_quantity",
+    Column("system", Text()),
+    Column("code", Text()),
+    Column("unit", Text()),
+    Column("value", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    lookup=("value",),
+)
+idx_reference = _index_table(
+    "idx_reference",
+    Column("target_type", Key),
+    Column("target_id", Key),
+    Column("url", Text),
+    lookup=("target_id", "target_type"),
+)
+Index("ix_idx_reference_target", idx_reference.c.target_type, idx_reference.c.target_id)
+idx_uri = _index_table(
+    "idx_uri",
+    Column("value", Folded, nullable=False),
+    lookup=("value",),
+)
+
+compartment = Table(
+    "compartment",
+    metadata,
+    Column("rid", RowId, primary_key=True),
+    Column("patient_id", Key, primary_key=True),
+    Index("ix_compartment_patient", "patient_id"),
+)
+
+INDEX_TABLES = {
+    "token": idx_token,
+    "string": idx_string,
+    "date": idx_date,
+    "number": idx_number,
+    "quantity": idx_quantity,
+    "reference": idx_reference,
+    "uri": idx_uri,
+}

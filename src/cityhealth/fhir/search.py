@@ -1,0 +1,214 @@
+"""Run a parsed search: one SQL statement for the page (keyset paging, `LIMIT n+1`), one per
+include round, and a count only when the client asks for it."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import ColumnElement, Connection, FromClause, and_, func, or_, select
+from sqlalchemy.sql import ColumnElement as Column
+
+from cityhealth.fhir.datetimes import MAX_US, MIN_US
+from cityhealth.fhir.errors import bad_request
+from cityhealth.fhir.schema import INDEX_TABLES, idx_reference, resource
+from cityhealth.fhir.search_parse import QueryParser, SearchRequest
+from cityhealth.fhir.search_sql import MAX_CHAR, ClauseBuilder
+
+#: Sort column and the values that put resources without one last, per parameter type.
+_SORT = {
+    "string": ("value", MAX_CHAR, ""),
+    "token": ("code", MAX_CHAR, ""),
+    "uri": ("value", MAX_CHAR, ""),
+    "reference": ("target_id", MAX_CHAR, ""),
+    "number": ("value", 1e300, -1e300),
+    "quantity": ("value", 1e300, -1e300),
+}
+#: How deep `:iterate` includes follow references.
+MAX_INCLUDE_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Hit:
+    rid: int
+    type: str
+    id: str
+    body: str
+
+
+@dataclass
+class SearchResult:
+    request: SearchRequest
+    matches: list[Hit] = field(default_factory=list)
+    included: list[Hit] = field(default_factory=list)
+    total: int | None = None
+    next_cursor: str | None = None
+    previous_cursor: str | None = None
+
+
+def encode_cursor(direction: str, keys: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([direction, *keys])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, list[Any]]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(data, list) or data[0] not in ("n", "p"):
+            raise ValueError
+        return data[0], data[1:]
+    except (ValueError, TypeError, IndexError, orjson.JSONDecodeError):
+        raise bad_request("The paging cursor is not valid; start the search again") from None
+
+
+class Searcher:
+    def __init__(self, parser: QueryParser, max_includes: int) -> None:
+        self.parser = parser
+        self.max_includes = max_includes
+
+    def _sort_columns(
+        self, r: FromClause, request: SearchRequest
+    ) -> list[tuple[Column[Any], bool]]:
+        columns: list[tuple[Column[Any], bool]] = []
+        for code, descending in request.sort:
+            if code == "_id":
+                columns.append((r.c.id, descending))
+                continue
+            if code == "_lastUpdated":
+                columns.append((r.c.last_updated, descending))
+                continue
+            param = self.parser.param(request.resource_type, code)
+            assert param is not None
+            table = INDEX_TABLES[param.type].alias()
+            if param.type == "date":
+                value = func.max(table.c.high) if descending else func.min(table.c.low)
+                missing = MIN_US - 1 if descending else MAX_US + 1
+            else:
+                name, last_asc, last_desc = _SORT[param.type]
+                value = func.max(table.c[name]) if descending else func.min(table.c[name])
+                missing = last_desc if descending else last_asc
+            where = [table.c.rid == r.c.rid, table.c.param == code]
+            if param.type == "string":
+                where.append(table.c.exact.is_not(None))  # pinyin forms do not sort names
+            sub = select(value).where(*where).scalar_subquery()
+            columns.append((func.coalesce(sub, missing), descending))
+        columns.append((r.c.rid, False))
+        return columns
+
+    @staticmethod
+    def _after(
+        columns: list[tuple[Column[Any], bool]], keys: list[Any], backwards: bool
+    ) -> ColumnElement[bool]:
+        """Rows strictly after (or before) `keys` in the sort order: keyset paging."""
+        if len(keys) != len(columns):
+            raise bad_request("The paging cursor does not match this search")
+        options = []
+        for i, (column, descending) in enumerate(columns):
+            forward = descending == backwards
+            step = column > keys[i] if forward else column < keys[i]
+            options.append(and_(*[c == keys[j] for j, (c, _) in enumerate(columns[:i])], step))
+        return or_(*options)
+
+    def where(self, r: FromClause, request: SearchRequest, builder: ClauseBuilder) -> list[Any]:
+        return [r.c.type == request.resource_type, r.c.deleted.is_(False)] + [
+            builder.criterion(r, request.resource_type, c.name, c.values) for c in request.criteria
+        ]
+
+    def run(self, conn: Connection, request: SearchRequest, base_url: str | None) -> SearchResult:
+        builder = ClauseBuilder(self.parser, base_url)
+        r = resource.alias("r")
+        where = self.where(r, request, builder)
+        result = SearchResult(request)
+        if request.total in ("accurate", "estimate") or request.summary == "count":
+            result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar()
+        if request.summary == "count" or request.count == 0:
+            return result
+        columns = self._sort_columns(r, request)
+        direction, keys = decode_cursor(request.cursor) if request.cursor else ("n", [])
+        backwards = direction == "p"
+        query = select(
+            r.c.rid,
+            r.c.type,
+            r.c.id,
+            r.c.body,
+            *[c.label(f"k{i}") for i, (c, _) in enumerate(columns)],
+        ).where(*where)
+        if keys:
+            query = query.where(self._after(columns, keys, backwards))
+        order = [c.desc() if d != backwards else c.asc() for c, d in columns]
+        rows = conn.execute(query.order_by(*order).limit(request.count + 1)).all()
+        more = len(rows) > request.count
+        rows = rows[: request.count]
+        if backwards:
+            rows.reverse()
+        result.matches = [Hit(row.rid, row.type, row.id, row.body) for row in rows]
+        if rows:
+            first = list(rows[0][4:])
+            last = list(rows[-1][4:])
+            if (more and not backwards) or (backwards and keys):
+                result.next_cursor = encode_cursor("n", last)
+            if (more and backwards) or (not backwards and keys):
+                result.previous_cursor = encode_cursor("p", first)
+        if result.total is None and not keys and not more:
+            result.total = len(rows)
+        if request.includes and result.matches:
+            result.included = self.includes(conn, request, result.matches)
+        return result
+
+    def includes(self, conn: Connection, request: SearchRequest, matches: list[Hit]) -> list[Hit]:
+        seen = {h.rid for h in matches}
+        included: list[Hit] = []
+        frontier = matches
+        for round_number in range(MAX_INCLUDE_ROUNDS):
+            found: list[Hit] = []
+            for inc in request.includes:
+                if round_number > 0 and not inc.iterate:
+                    continue
+                sources = [h for h in frontier if inc.reverse or h.type == inc.source_type]
+                if not sources:
+                    continue
+                for hit in self._include_query(conn, inc, sources):
+                    if hit.rid not in seen and len(included) + len(found) < self.max_includes:
+                        seen.add(hit.rid)
+                        found.append(hit)
+            if not found:
+                break
+            included.extend(found)
+            frontier = found
+        return included
+
+    def _include_query(self, conn: Connection, inc: Any, sources: list[Hit]) -> list[Hit]:
+        ref = idx_reference.alias()
+        t = resource.alias()
+        conditions = [ref.c.rtype == inc.source_type, t.c.deleted.is_(False)]
+        if inc.param is not None:
+            conditions.append(ref.c.param == inc.param.code)
+        if inc.target_type:
+            conditions.append(ref.c.target_type == inc.target_type)
+        if not inc.reverse:
+            rids = [h.rid for h in sources]
+            join = and_(t.c.type == ref.c.target_type, t.c.id == ref.c.target_id)
+            conditions.append(ref.c.rid.in_(rids))
+        else:
+            by_type: dict[str, list[str]] = {}
+            for h in sources:
+                by_type.setdefault(h.type, []).append(h.id)
+            join = t.c.rid == ref.c.rid
+            conditions.append(
+                or_(
+                    *[
+                        and_(ref.c.target_type == k, ref.c.target_id.in_(v))
+                        for k, v in by_type.items()
+                    ]
+                )
+            )
+        query = (
+            select(t.c.rid, t.c.type, t.c.id, t.c.body)
+            .distinct()
+            .select_from(ref.join(t, join))
+            .where(*conditions)
+            .order_by(t.c.rid)
+            .limit(self.max_includes + 1)
+        )
+        return [Hit(row.rid, row.type, row.id, row.body) for row in conn.execute(query)]

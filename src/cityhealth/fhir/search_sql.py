@@ -1,0 +1,335 @@
+"""Turn search criteria into SQL conditions on an alias of the `resource` table.
+
+Each criterion becomes `rid IN (SELECT rid FROM idx_<kind> WHERE rtype = … AND param = … AND
+(value OR value …))`, so that repeated parameters AND together and commas OR together, and so
+that every condition stays a range scan on the (rtype, param, value) index.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import ColumnElement, FromClause, and_, exists, false, literal, not_, or_, select
+
+from cityhealth.fhir.chinese import fold
+from cityhealth.fhir.datetimes import date_range
+from cityhealth.fhir.definitions import SearchParam
+from cityhealth.fhir.errors import bad_request
+from cityhealth.fhir.numbers import number_range
+from cityhealth.fhir.schema import INDEX_TABLES, idx_reference, idx_token, resource
+from cityhealth.fhir.search_parse import QueryParser
+
+#: Upper bound for prefix ranges: sorts after every other code point (byte order).
+MAX_CHAR = chr(0x10FFFF)
+_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)$", re.DOTALL)
+_ABSOLUTE_REF = re.compile(r"^(https?://.+)/([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
+
+
+def split_pipe(value: str) -> list[str]:
+    """Split a token/quantity value on unescaped '|' and remove the escapes."""
+    parts, current, i = [], [], 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value):
+            current.append(value[i + 1])
+            i += 2
+            continue
+        if value[i] == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def unescape(value: str) -> str:
+    return "|".join(split_pipe(value))
+
+
+def prefix_range(column: Any, text: str) -> ColumnElement[bool]:
+    return and_(column >= text, column < text + MAX_CHAR)
+
+
+def like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def split_prefix(value: str, allow: bool = True) -> tuple[str, str]:
+    match = _PREFIX.match(value)
+    assert match is not None  # the pattern matches every string
+    prefix, rest = match.group(1) or "eq", match.group(2)
+    if not allow and match.group(1):
+        raise bad_request(f"Prefix '{prefix}' is not allowed here")
+    return prefix, rest
+
+
+def range_condition(
+    low: Any, high: Any, prefix: str, s_low: int | float, s_high: int | float
+) -> ColumnElement[bool]:
+    """Compare a stored range [low, high) with a search range (search.html 'prefix' table)."""
+    if prefix == "eq":
+        return and_(low >= s_low, high <= s_high)
+    if prefix == "ne":
+        return or_(low < s_low, high > s_high)
+    if prefix == "gt":
+        return high > s_high
+    if prefix == "lt":
+        return low < s_low
+    if prefix == "ge":
+        return high > s_low
+    if prefix == "le":
+        return low < s_high
+    if prefix == "sa":
+        return low >= s_high
+    if prefix == "eb":
+        return high <= s_low
+    # ap: overlap with the search range widened by 10 % of its distance from now
+    now = time.time_ns() // 1000
+    margin = max(abs(now - s_low) // 10, 1)
+    return and_(low < s_high + margin, high > s_low - margin)
+
+
+class ClauseBuilder:
+    def __init__(self, parser: QueryParser, base_url: str | None = None) -> None:
+        self.parser = parser
+        self.definitions = parser.definitions
+        self.base_url = base_url.rstrip("/") if base_url else None
+
+    # -- entry point --------------------------------------------------------------------
+    def criterion(
+        self, r: FromClause, rtype: str, name: str, values: tuple[str, ...]
+    ) -> ColumnElement[bool]:
+        if name.startswith("_has:"):
+            return self._reverse_chain(r, rtype, name, values)
+        head, dot, rest = name.partition(".")
+        code, _, modifier = head.partition(":")
+        if dot:
+            return self._chain(r, rtype, code, modifier, rest, values)
+        if code == "_id":
+            return self._id(r, modifier, values)
+        if code == "_lastUpdated":
+            return or_(
+                *[self._date_value(r.c.last_updated, r.c.last_updated + 1, v) for v in values]
+            )
+        param = self.parser.param(rtype, code)
+        assert param is not None  # checked by the parser
+        if modifier == "missing":
+            return self._missing(r, rtype, param, values)
+        if modifier == "identifier":
+            return self._in_index(r, rtype, f"{code}:identifier", idx_token, values, self._token)
+        table = INDEX_TABLES[param.type]
+        build = self._builders()[param.type]
+
+        def value_clause(t: FromClause, value: str) -> ColumnElement[bool]:
+            return build(t, value, modifier, param)
+
+        if modifier == "not":
+            return not_(self._in_index(r, rtype, code, table, values, value_clause))
+        return self._in_index(r, rtype, code, table, values, value_clause)
+
+    def _builders(self) -> dict[str, Callable[..., ColumnElement[bool]]]:
+        return {
+            "token": lambda t, v, m, p: self._token(t, v, m),
+            "string": self._string,
+            "date": lambda t, v, m, p: self._date_value(t.c.low, t.c.high, v),
+            "number": lambda t, v, m, p: self._number(t, v),
+            "quantity": lambda t, v, m, p: self._quantity(t, v),
+            "reference": self._reference,
+            "uri": lambda t, v, m, p: self._uri(t, v, m),
+        }
+
+    def _in_index(
+        self,
+        r: FromClause,
+        rtype: str,
+        code: str,
+        table: Any,
+        values: tuple[str, ...],
+        build: Callable[..., ColumnElement[bool]],
+    ) -> ColumnElement[bool]:
+        t = table.alias()
+        matches = or_(*[build(t, v) for v in values])
+        sub = select(t.c.rid).where(t.c.rtype == rtype, t.c.param == code, matches)
+        return r.c.rid.in_(sub)
+
+    # -- special parameters -------------------------------------------------------------
+    def _id(self, r: FromClause, modifier: str, values: tuple[str, ...]) -> ColumnElement[bool]:
+        ids = [unescape(v) for v in values]
+        return r.c.id.not_in(ids) if modifier == "not" else r.c.id.in_(ids)
+
+    def _missing(
+        self, r: FromClause, rtype: str, param: SearchParam, values: tuple[str, ...]
+    ) -> ColumnElement[bool]:
+        if len(values) != 1 or values[0] not in ("true", "false"):
+            raise bad_request(f"{param.code}:missing takes 'true' or 'false'")
+        table = INDEX_TABLES[param.type].alias()
+        present = exists().where(
+            table.c.rid == r.c.rid, table.c.rtype == rtype, table.c.param == param.code
+        )
+        return not_(present) if values[0] == "true" else present
+
+    def _chain(
+        self,
+        r: FromClause,
+        rtype: str,
+        code: str,
+        modifier: str,
+        rest: str,
+        values: tuple[str, ...],
+    ) -> ColumnElement[bool]:
+        param = self.parser.param(rtype, code)
+        assert param is not None
+        ref = idx_reference.alias()
+        target = resource.alias()
+        next_code = rest.partition(".")[0].partition(":")[0]
+        options = [
+            and_(ref.c.target_type == ttype, self.criterion(target, ttype, rest, values))
+            for ttype in self.parser.chain_targets(param, modifier)
+            if next_code in ("_id", "_lastUpdated") or self.parser.param(ttype, next_code)
+        ]
+        sub = (
+            select(ref.c.rid)
+            .select_from(
+                ref.join(
+                    target,
+                    and_(target.c.type == ref.c.target_type, target.c.id == ref.c.target_id),
+                )
+            )
+            .where(ref.c.rtype == rtype, ref.c.param == code, target.c.deleted == false())
+            .where(or_(*options) if options else false())
+        )
+        return r.c.rid.in_(sub)
+
+    def _reverse_chain(
+        self, r: FromClause, rtype: str, name: str, values: tuple[str, ...]
+    ) -> ColumnElement[bool]:
+        _, source_type, ref_code, rest = name.split(":", 3)
+        ref = idx_reference.alias()
+        source = resource.alias()
+        sub = (
+            select(ref.c.target_id)
+            .select_from(ref.join(source, source.c.rid == ref.c.rid))
+            .where(
+                ref.c.rtype == source_type,
+                ref.c.param == ref_code,
+                ref.c.target_type == rtype,
+                self.criterion(source, source_type, rest, values),
+            )
+        )
+        return r.c.id.in_(sub)
+
+    # -- value conditions per parameter type --------------------------------------------
+    def _token(self, t: FromClause, value: str, modifier: str = "") -> ColumnElement[bool]:
+        if modifier == "text":
+            return prefix_range(t.c.text, fold(unescape(value)))
+        parts = split_pipe(value)
+        if len(parts) == 1:
+            return t.c.code == parts[0]
+        system, code = parts[0], "|".join(parts[1:])
+        if not system:
+            return and_(t.c.system.is_(None), t.c.code == code)
+        if not code:
+            return t.c.system == system
+        return and_(t.c.system == system, t.c.code == code)
+
+    def _string(
+        self, t: FromClause, value: str, modifier: str, param: SearchParam
+    ) -> ColumnElement[bool]:
+        text = unescape(value)
+        if modifier == "exact":
+            return t.c.exact == text
+        folded = fold(text)
+        if modifier == "contains":
+            return t.c.value.like(f"%{like_escape(folded)}%", escape="\\")
+        return prefix_range(t.c.value, folded)
+
+    def _date_value(self, low: Any, high: Any, value: str) -> ColumnElement[bool]:
+        prefix, text = split_prefix(value)
+        try:
+            s_low, s_high = date_range(text)
+        except ValueError:
+            raise bad_request(f"'{value}' is not a valid date search value") from None
+        return range_condition(low, high, prefix, s_low, s_high)
+
+    @staticmethod
+    def _decimal(text: str, original: str) -> tuple[float, float, float]:
+        try:
+            Decimal(text)
+            return number_range(text)
+        except (InvalidOperation, ValueError):
+            raise bad_request(f"'{original}' is not a valid number search value") from None
+
+    def _numeric(self, column: Any, value: str, text: str, prefix: str) -> ColumnElement[bool]:
+        number, low, high = self._decimal(text, value)
+        if prefix == "eq":
+            return and_(column >= low, column < high)
+        if prefix == "ne":
+            return or_(column < low, column >= high)
+        if prefix in ("gt", "sa"):
+            return column > number
+        if prefix in ("lt", "eb"):
+            return column < number
+        if prefix == "ge":
+            return column >= number
+        if prefix == "le":
+            return column <= number
+        margin = abs(number) * 0.1
+        return and_(column >= number - margin, column <= number + margin)
+
+    def _number(self, t: FromClause, value: str) -> ColumnElement[bool]:
+        prefix, text = split_prefix(value)
+        return self._numeric(t.c.value, value, text, prefix)
+
+    def _quantity(self, t: FromClause, value: str) -> ColumnElement[bool]:
+        parts = split_pipe(value)
+        if len(parts) not in (1, 3):
+            raise bad_request(f"'{value}' is not a quantity: expected number|system|code")
+        prefix, text = split_prefix(parts[0])
+        clause = self._numeric(t.c.value, value, text, prefix)
+        if len(parts) == 3:
+            system, code = parts[1], parts[2]
+            if system:
+                clause = and_(clause, t.c.system == system)
+            if code:
+                clause = and_(
+                    clause, t.c.code == code if system else or_(t.c.code == code, t.c.unit == code)
+                )
+        return clause
+
+    def _reference(
+        self, t: FromClause, value: str, modifier: str, param: SearchParam
+    ) -> ColumnElement[bool]:
+        text = unescape(value)
+        if self.base_url and text.startswith(self.base_url + "/"):
+            text = text[len(self.base_url) + 1 :]
+        type_filter = modifier if modifier else None
+        absolute = _ABSOLUTE_REF.match(text)
+        if absolute:
+            return or_(t.c.url == text, t.c.url == text.split("/_history/")[0])
+        if "://" in text or text.startswith("urn:"):
+            return or_(t.c.url == text, t.c.url == text.partition("|")[0])
+        parts = text.split("/")
+        if len(parts) >= 2 and self.definitions.is_resource_type(parts[0]):
+            if type_filter and type_filter != parts[0]:
+                raise bad_request(f"'{value}' does not match the type modifier ':{modifier}'")
+            return and_(t.c.target_type == parts[0], t.c.target_id == parts[1])
+        if len(parts) != 1 or not text:
+            raise bad_request(f"'{value}' is not a valid reference search value")
+        if type_filter:
+            return and_(t.c.target_type == type_filter, t.c.target_id == text)
+        return t.c.target_id == text
+
+    def _uri(self, t: FromClause, value: str, modifier: str) -> ColumnElement[bool]:
+        text = unescape(value)
+        if modifier == "below":
+            return prefix_range(t.c.value, text)
+        if modifier == "above":
+            return literal(text).like(t.c.value + "%")
+        if modifier == "contains":
+            return t.c.value.like(f"%{like_escape(text)}%", escape="\\")
+        return t.c.value == text

@@ -1,0 +1,140 @@
+"""Row-level writes of the FHIR store: current row, history row, index rows, compartment.
+
+The repository decides what to write; this module only knows the tables. Every function runs
+inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, insert, select, update
+
+from cityhealth.fhir.clock import instant
+from cityhealth.fhir.indexing import IndexRows
+from cityhealth.fhir.schema import (
+    INDEX_TABLES,
+    compartment,
+    resource,
+    resource_history,
+)
+
+_INDEX_COLUMNS = {
+    "token": ("system", "code", "text"),
+    "string": ("value", "exact"),
+    "date": ("low", "high"),
+    "number": ("value", "low", "high"),
+    "quantity": ("system", "code", "unit", "value", "low", "high"),
+    "reference": ("target_type", "target_id", "url"),
+    "uri": ("value",),
+}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored version of a resource."""
+
+    rid: int
+    type: str
+    id: str
+    version: int
+    last_updated: int  # microseconds since the epoch
+    deleted: bool
+    body: str | None  # JSON text as served (None for a delete)
+    method: str = "PUT"
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def last_updated_instant(self) -> str:
+        return instant(self.last_updated)
+
+
+def current(conn: Connection, rtype: str, rid_id: str, *, lock: bool = False) -> Stored | None:
+    query = select(resource).where(and_(resource.c.type == rtype, resource.c.id == rid_id))
+    if lock and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    return Stored(row.rid, row.type, row.id, row.version, row.last_updated, row.deleted, row.body)
+
+
+def version(conn: Connection, rtype: str, rid_id: str, vid: int) -> Stored | None:
+    h = resource_history
+    row = conn.execute(
+        select(h).where(and_(h.c.type == rtype, h.c.id == rid_id, h.c.version == vid))
+    ).first()
+    if row is None:
+        return None
+    return Stored(
+        row.rid, row.type, row.id, row.version, row.last_updated, row.deleted, row.body, row.method
+    )
+
+
+def insert_new(
+    conn: Connection, rtype: str, rid_id: str, version_id: int, last_updated: int, body: str
+) -> int:
+    rid = conn.execute(
+        insert(resource)
+        .values(
+            type=rtype,
+            id=rid_id,
+            version=version_id,
+            last_updated=last_updated,
+            deleted=False,
+            body=body,
+        )
+        .returning(resource.c.rid)
+    ).scalar_one()
+    return int(rid)
+
+
+def replace_current(
+    conn: Connection, rid: int, version_id: int, last_updated: int, body: str | None
+) -> None:
+    conn.execute(
+        update(resource)
+        .where(resource.c.rid == rid)
+        .values(version=version_id, last_updated=last_updated, deleted=body is None, body=body)
+    )
+
+
+def add_history(conn: Connection, stored: Stored) -> None:
+    conn.execute(
+        insert(resource_history).values(
+            rid=stored.rid,
+            version=stored.version,
+            type=stored.type,
+            id=stored.id,
+            last_updated=stored.last_updated,
+            method=stored.method,
+            deleted=stored.deleted,
+            body=stored.body,
+        )
+    )
+
+
+def clear_index(conn: Connection, rid: int) -> None:
+    for table in INDEX_TABLES.values():
+        conn.execute(delete(table).where(table.c.rid == rid))
+    conn.execute(delete(compartment).where(compartment.c.rid == rid))
+
+
+def write_index(
+    conn: Connection, rid: int, rtype: str, rows: IndexRows, patients: set[str]
+) -> None:
+    for kind, table in INDEX_TABLES.items():
+        values: list[tuple[Any, ...]] = getattr(rows, kind)
+        if not values:
+            continue
+        names = ("param", *_INDEX_COLUMNS[kind])
+        conn.execute(
+            insert(table),
+            [{"rid": rid, "rtype": rtype, **dict(zip(names, v, strict=True))} for v in values],
+        )
+    if patients:
+        conn.execute(insert(compartment), [{"rid": rid, "patient_id": p} for p in patients])
