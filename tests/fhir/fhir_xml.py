@@ -17,7 +17,6 @@ from xml.sax.saxutils import escape, quoteattr
 
 from cityhealth.fhir.definitions import get_definitions
 
-FHIR_NS = "{http://hl7.org/fhir}"
 XHTML_NS = "http://www.w3.org/1999/xhtml"
 _FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 _INTEGER = frozenset({"integer", "positiveInt", "unsignedInt"})

@@ -24,7 +24,8 @@ from cityhealth.fhir.definitions import (
     SearchParam,
     load_from_dir,
 )
-from cityhealth.fhir.index_values import MAX_FOLDED, parse_reference
+from cityhealth.fhir.index_strings import MAX_FOLDED
+from cityhealth.fhir.index_values import parse_reference
 from cityhealth.fhir.indexing import Indexer, IndexRows
 from cityhealth.fhir.numbers import number_range
 

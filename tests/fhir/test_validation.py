@@ -295,7 +295,7 @@ def test_resource_type_is_checked(
 
 VALID: dict[str, Any] = {
     "minimal patient": patient(),
-    "expected type matches": patient(id="p-1.a"),
+    "id with dashes and dots": patient(id="p-1.a"),
     "primitive extension without a value": patient(
         _birthDate={"extension": [{"url": EXT, "valueCode": "unknown"}]}
     ),

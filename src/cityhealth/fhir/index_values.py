@@ -11,12 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cityhealth.fhir.chinese import fold, has_han, name_index_values, pinyin_forms
 from cityhealth.fhir.datetimes import MAX_US, MIN_US, date_range
 from cityhealth.fhir.numbers import number_range
-
-#: Longest folded string stored (it is indexed by the database); the exact value is kept whole.
-MAX_FOLDED = 256
 
 TokenRow = tuple[str, str | None, str | None, str | None]
 QuantityRow = tuple[str, str | None, str | None, str | None, float, float, float]
@@ -55,6 +51,8 @@ class Target:
     binding_system: str | None = None
     #: Resource types a `where(resolve() is X)` keeps (reference only; None: all).
     targets: frozenset[str] | None = None
+    #: The concrete resource types, to read the type of a literal reference.
+    resource_types: frozenset[str] = frozenset()
 
 
 # --- token -------------------------------------------------------------------------------
@@ -131,79 +129,6 @@ def _token_boolean(t: Target) -> Valuer:
     def valuer(node: Any, rows: IndexRows) -> None:
         if type(node) is bool:
             rows.token.append((code, None, "true" if node else "false", None))
-
-    return valuer
-
-
-# --- string ------------------------------------------------------------------------------
-
-
-def _add_text(code: str, text: str, rows: IndexRows) -> None:
-    """A plain text value: its folded form with the exact text, and pinyin for Han text."""
-    rows.string.append((code, fold(text)[:MAX_FOLDED], text))
-    if has_han(text):
-        for form in pinyin_forms(text):
-            rows.string.append((code, form[:MAX_FOLDED], None))
-
-
-def _string_text(t: Target) -> Valuer:
-    code = t.code
-
-    def valuer(node: Any, rows: IndexRows) -> None:
-        if type(node) is str and node:
-            _add_text(code, node, rows)
-
-    return valuer
-
-
-def _strings(node: dict[str, Any], key: str) -> list[str]:
-    value = node.get(key)
-    if type(value) is list:
-        return [v for v in value if type(v) is str and v]
-    return [value] if type(value) is str and value else []
-
-
-_NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
-
-
-def _string_human_name(t: Target) -> Valuer:
-    code = t.code
-
-    def valuer(node: Any, rows: IndexRows) -> None:
-        if type(node) is not dict:
-            return
-        family = node.get("family")
-        text = node.get("text")
-        given = _strings(node, "given")
-        seen = set()
-        for key in _NAME_PARTS:
-            for part in _strings(node, key):
-                folded = fold(part)[:MAX_FOLDED]
-                seen.add(folded)
-                rows.string.append((code, folded, part))
-        # Whole-name and pinyin forms; parts already stored with their exact text are skipped.
-        for value in name_index_values(
-            family if type(family) is str else None, given, text if type(text) is str else None
-        ):
-            folded = value[:MAX_FOLDED]
-            if folded not in seen:
-                seen.add(folded)
-                rows.string.append((code, folded, None))
-
-    return valuer
-
-
-_ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
-
-
-def _string_address(t: Target) -> Valuer:
-    code = t.code
-
-    def valuer(node: Any, rows: IndexRows) -> None:
-        if type(node) is dict:
-            for key in _ADDRESS_PARTS:
-                for part in _strings(node, key):
-                    _add_text(code, part, rows)
 
     return valuer
 
@@ -379,8 +304,8 @@ def parse_reference(
     return None, None, reference
 
 
-def _reference(t: Target, resource_types: frozenset[str]) -> Valuer:
-    code, targets = t.code, t.targets
+def _reference(t: Target) -> Valuer:
+    code, targets, resource_types = t.code, t.targets, t.resource_types
     identifier_code = f"{code}:identifier"
 
     def valuer(node: Any, rows: IndexRows) -> None:
@@ -441,24 +366,21 @@ def _uri(t: Target) -> Valuer:
 
 # --- dispatch ----------------------------------------------------------------------------
 
-_TEXT_PRIMITIVES = ("string", "markdown", "code", "id", "uri", "url", "canonical", "oid", "uuid")
+#: Primitive types carried as JSON strings.
+TEXT_PRIMITIVES = ("string", "markdown", "code", "id", "uri", "url", "canonical", "oid", "uuid")
 _QUANTITIES = ("Quantity", "Age", "Duration", "Count", "Distance")
 
 ValuerFactory = Callable[[Target], Valuer]
 
-_FACTORIES: dict[str, dict[str, ValuerFactory]] = {
+#: Valuer factories by search-parameter type, then data type (string ones: `index_strings`).
+FACTORIES: dict[str, dict[str, ValuerFactory]] = {
     "token": {
         "Coding": _token_coding,
         "CodeableConcept": _token_codeable_concept,
         "Identifier": _token_identifier,
         "ContactPoint": _token_contact_point,
         "boolean": _token_boolean,
-        **dict.fromkeys(_TEXT_PRIMITIVES, _token_primitive),
-    },
-    "string": {
-        "HumanName": _string_human_name,
-        "Address": _string_address,
-        **dict.fromkeys(_TEXT_PRIMITIVES, _string_text),
+        **dict.fromkeys(TEXT_PRIMITIVES, _token_primitive),
     },
     "date": {
         **dict.fromkeys(("date", "dateTime", "instant"), _date_primitive),
@@ -474,18 +396,10 @@ _FACTORIES: dict[str, dict[str, ValuerFactory]] = {
         "Money": _quantity_money,
         "Range": _quantity_range,
     },
-    "uri": dict.fromkeys(_TEXT_PRIMITIVES, _uri),
-    "reference": dict.fromkeys(("uri", "url", "canonical", "oid", "uuid"), _reference_uri),
+    "reference": {
+        "Reference": _reference,
+        "Resource": _reference_resource,
+        **dict.fromkeys(("uri", "url", "canonical", "oid", "uuid"), _reference_uri),
+    },
+    "uri": dict.fromkeys(TEXT_PRIMITIVES, _uri),
 }
-
-
-def make_valuer(
-    param_type: str, type_code: str, target: Target, resource_types: frozenset[str]
-) -> Valuer | None:
-    """The valuer for nodes of `type_code` in a parameter of `param_type` (None: not indexed)."""
-    if param_type == "reference" and type_code == "Reference":
-        return _reference(target, resource_types)
-    if param_type == "reference" and type_code == "Resource":
-        return _reference_resource(target)
-    factory = _FACTORIES.get(param_type, {}).get(type_code)
-    return factory(target) if factory is not None else None

@@ -24,7 +24,8 @@ from cityhealth.fhir.index_paths import (
     PathCompiler,
     UnsupportedExpression,
 )
-from cityhealth.fhir.index_values import IndexRows, Target, Valuer, make_valuer
+from cityhealth.fhir.index_strings import STRING_FACTORIES
+from cityhealth.fhir.index_values import FACTORIES, IndexRows, Target, Valuer, ValuerFactory
 
 __all__ = ["IndexRows", "Indexer"]
 
@@ -35,6 +36,8 @@ INDEXED_TYPES = frozenset({"token", "string", "date", "number", "quantity", "ref
 NOT_INDEXED = frozenset(
     {"_id", "_lastUpdated", "_text", "_content", "_query", "_filter", "_list", "_has", "_type"}
 )
+
+_FACTORIES: dict[str, dict[str, ValuerFactory]] = {**FACTORIES, "string": STRING_FACTORIES}
 
 #: Called with the value of the emitter's top-level key.
 KeyEmitter = Callable[[Any, IndexRows], None]
@@ -99,14 +102,14 @@ class Indexer:
             plan.always.append(_exists_not_false_emitter(param.code, compiled.branches))
             return
         for branch in compiled:
-            target = Target(param.code, branch.binding_system, branch.targets)
-            valuer = make_valuer(param.type, branch.type_code, target, self._resource_types)
+            target = Target(param.code, branch.binding_system, branch.targets, self._resource_types)
+            valuer = _make_valuer(param.type, branch.type_code, target)
             if valuer is not None:
                 plan.by_key.setdefault(branch.key, []).append(_key_emitter(branch.ops, valuer))
 
     def _fallback_emitter(self, param: SearchParam, expression: str) -> ResourceEmitter:
         valuers: dict[str, Valuer | None] = {}
-        target = Target(param.code)
+        target = Target(param.code, resource_types=self._resource_types)
 
         def emit(resource: dict[str, Any], rows: IndexRows) -> None:
             try:
@@ -120,14 +123,18 @@ class Indexer:
                 if type_code is None:
                     continue
                 if type_code not in valuers:
-                    valuers[type_code] = make_valuer(
-                        param.type, type_code, target, self._resource_types
-                    )
+                    valuers[type_code] = _make_valuer(param.type, type_code, target)
                 valuer = valuers[type_code]
                 if valuer is not None:
                     valuer(value, rows)
 
         return emit
+
+
+def _make_valuer(param_type: str, type_code: str, target: Target) -> Valuer | None:
+    """The valuer for nodes of `type_code` in a parameter of `param_type` (None: not indexed)."""
+    factory = _FACTORIES.get(param_type, {}).get(type_code)
+    return factory(target) if factory is not None else None
 
 
 def _expression_of(param: SearchParam, definitions: Definitions) -> str | None:
