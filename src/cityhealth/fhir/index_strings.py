@@ -24,7 +24,10 @@ MAX_FOLDED = 256
 
 def _add_text(code: str, text: str, rows: IndexRows) -> None:
     """A plain text value: its folded form with the exact text, and pinyin for Han text."""
-    rows.string.append((code, fold(text)[:MAX_FOLDED], text))
+    folded = fold(text)[:MAX_FOLDED]
+    if not folded:
+        return  # whitespace only
+    rows.string.append((code, folded, text))
     if has_han(text):
         for form in pinyin_forms(text):
             rows.string.append((code, form[:MAX_FOLDED], None))
@@ -63,8 +66,9 @@ def _string_human_name(t: Target) -> Valuer:
         for key in _NAME_PARTS:
             for part in _strings(node, key):
                 folded = fold(part)[:MAX_FOLDED]
-                seen.add(folded)
-                rows.string.append((code, folded, part))
+                if folded:
+                    seen.add(folded)
+                    rows.string.append((code, folded, part))
         # Whole-name and pinyin forms; parts already stored with their exact text are skipped.
         for value in name_index_values(
             family if type(family) is str else None, given, text if type(text) is str else None

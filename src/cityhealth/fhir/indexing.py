@@ -74,7 +74,7 @@ class Indexer:
     def index(self, resource: dict[str, Any]) -> IndexRows:
         """The deduplicated index rows of a parsed resource (no rows for an unknown type)."""
         rows = IndexRows()
-        plan = self._plans.get(resource.get("resourceType"))  # type: ignore[arg-type]
+        plan = self._plans.get(resource.get("resourceType", ""))
         if plan is None:
             return rows
         by_key = plan.by_key
