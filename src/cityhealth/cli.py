@@ -10,7 +10,9 @@ import uvicorn
 from cityhealth.config import get_settings
 from cityhealth.fhir.packages import PackageError, install
 
-app = typer.Typer(help="CityHealth: the Internet + healthcare platform of a city.", no_args_is_help=True)
+app = typer.Typer(
+    help="CityHealth: the Internet + healthcare platform of a city.", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

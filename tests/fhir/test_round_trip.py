@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.errors import FhirError
 
-BUNDLES = ("search-parameters.json", "profiles-resources.json", "profiles-types.json", "valuesets.json")
+BUNDLES = (
+    "search-parameters.json",
+    "profiles-resources.json",
+    "profiles-types.json",
+    "valuesets.json",
+)
 INVALID = {
     "Questionnaire-qs1.json": "Questionnaire.item[0].item[0].linkId",
     "ImplementationGuide-fhir.json": "ImplementationGuide.name",

@@ -155,7 +155,7 @@ class BundleProcessor:
                     hits = self.engine.find(conn, entry.rtype, entry.if_none_exist)
                     if len(hits) > 1:
                         raise precondition_failed(
-                            f"Bundle.entry[{entry.index}]: ifNoneExist matches more than one resource"
+                            f"Bundle.entry[{entry.index}]: ifNoneExist matches several resources"
                         )
                     entry.target_id = hits[0].id if hits else str(uuid.uuid4())
                     if hits:

@@ -1,4 +1,4 @@
-"""Server time for meta.lastUpdated: microseconds since the epoch, strictly increasing per process."""
+"""Server time for meta.lastUpdated: epoch microseconds, strictly increasing per process."""
 
 from __future__ import annotations
 

@@ -181,7 +181,9 @@ def load_from_dir(directory: Path) -> Definitions:
     value_sets: dict[str, dict[str, Any]] = {}
     code_systems: dict[str, dict[str, Any]] = {}
     terminology = _entries(_read(directory / VALUESETS_FILE))
-    terminology += [_read(directory / f) for f in EXTRA_TERMINOLOGY_FILES if (directory / f).exists()]
+    terminology += [
+        _read(directory / f) for f in EXTRA_TERMINOLOGY_FILES if (directory / f).exists()
+    ]
     for res in terminology:
         target = value_sets if res["resourceType"] == "ValueSet" else code_systems
         target[res["url"]] = res

@@ -21,7 +21,7 @@ from cityhealth.fhir.history import HistoryPage, history, parse_history_params
 from cityhealth.fhir.patch import PatchError, apply_fhir_patch, apply_json_patch
 from cityhealth.fhir.repository import Repository, WriteResult
 from cityhealth.fhir.schema import compartment, idx_reference, resource
-from cityhealth.fhir.search import Hit, SearchResult, Searcher, decode_cursor, encode_cursor
+from cityhealth.fhir.search import Hit, Searcher, SearchResult, decode_cursor, encode_cursor
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
 
 JSON_PATCH = "application/json-patch+json"

@@ -83,7 +83,7 @@ class Searcher:
             table = INDEX_TABLES[param.type].alias()
             if param.type == "date":
                 value = func.max(table.c.high) if descending else func.min(table.c.low)
-                missing = MIN_US - 1 if descending else MAX_US + 1
+                missing: object = MIN_US - 1 if descending else MAX_US + 1
             else:
                 name, last_asc, last_desc = _SORT[param.type]
                 value = func.max(table.c[name]) if descending else func.min(table.c[name])
@@ -139,7 +139,7 @@ class Searcher:
         order = [c.desc() if d != backwards else c.asc() for c, d in columns]
         rows = conn.execute(query.order_by(*order).limit(request.count + 1)).all()
         more = len(rows) > request.count
-        rows = rows[: request.count]
+        rows = list(rows[: request.count])
         if backwards:
             rows.reverse()
         result.matches = [Hit(row.rid, row.type, row.id, row.body) for row in rows]

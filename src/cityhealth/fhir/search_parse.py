@@ -247,9 +247,9 @@ class QueryParser:
                 if self.param(target, rest.partition(".")[0].partition(":")[0]):
                     self.check_criterion(target, rest)
             return
-        if modifier and modifier not in MODIFIERS[param.type]:
-            if not (param.type == "reference" and self.definitions.is_resource_type(modifier)):
-                raise bad_request(f"Modifier ':{modifier}' is not valid on '{code}' ({param.type})")
+        type_modifier = param.type == "reference" and self.definitions.is_resource_type(modifier)
+        if modifier and modifier not in MODIFIERS[param.type] and not type_modifier:
+            raise bad_request(f"Modifier ':{modifier}' is not valid on '{code}' ({param.type})")
         if modifier in ("in", "not-in", "of-type", "above", "below") and param.type == "token":
             raise not_supported(f"Modifier ':{modifier}' on token parameters is not supported")
         if modifier in ("above", "below") and param.type == "reference":

@@ -18,7 +18,7 @@ _ALWAYS = ("resourceType", "id", "meta")
 @lru_cache(maxsize=512)
 def _top_level(definitions: Definitions, rtype: str, summary_only: bool) -> frozenset[str]:
     """JSON names of top-level elements of `rtype` (only `isSummary` ones when asked)."""
-    names = set()
+    names: set[str] = set()
     structure = definitions.structures.get(rtype, {})
     for element in structure.get("snapshot", {}).get("element", []):
         path = element["path"]
