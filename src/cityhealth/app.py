@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException
 
 from cityhealth import __version__
@@ -56,6 +57,21 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError) -> Response:
         return outcome_response(FhirError(400, "invalid", str(error.errors()[:3])))
+
+    @app.exception_handler(DataError)
+    async def data_error(_request: Request, _error: DataError) -> Response:
+        # A value the database cannot hold or compare (e.g. a NUL character): the input is wrong.
+        return outcome_response(FhirError(400, "invalid", "A value in the request is not valid"))
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(_request: Request, _error: IntegrityError) -> Response:
+        # Two requests created the same resource at once; the loser may retry.
+        return outcome_response(FhirError(409, "conflict", "A concurrent change won; retry"))
+
+    @app.exception_handler(OperationalError)
+    async def database_down(_request: Request, error: OperationalError) -> Response:
+        log.error("database unavailable: %s", type(error.orig).__name__)
+        return outcome_response(FhirError(503, "transient", "The database is unavailable"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:

@@ -234,6 +234,8 @@ class FhirEngine:
                 where.append(r.c.last_updated >= since)
             if cursor:
                 _, keys = decode_cursor(cursor)
+                if len(keys) != 1 or type(keys[0]) is not int:
+                    raise bad_request("The paging cursor does not match this search")
                 where.append(r.c.rid > keys[0])
             rows = tx.execute(
                 select(r.c.rid, r.c.type, r.c.id, r.c.body)

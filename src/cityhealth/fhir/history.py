@@ -78,7 +78,7 @@ def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
         page.total = conn.execute(select(func.count()).select_from(h).where(*where)).scalar()
     else:
         _, keys = decode_cursor(query.cursor)
-        if len(keys) != 3:
+        if len(keys) != 3 or not all(type(k) is int for k in keys):
             raise bad_request("The paging cursor does not match this history")
         updated, rid, version = keys
         where.append(

@@ -122,6 +122,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.put("/{rtype}", summary="Conditional update")
     async def conditional_update(request: Request, rtype: str) -> Response:
         negotiate(request)
+        engine.repository.check_type(rtype)
         body = await json_body(request)
         result = await run(
             engine.conditional_update,
@@ -136,6 +137,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.delete("/{rtype}", summary="Conditional delete")
     async def conditional_delete(request: Request, rtype: str) -> Response:
         negotiate(request)
+        engine.repository.check_type(rtype)
         await run(engine.conditional_delete, context(request), rtype, _criteria(request))
         return fhir_response(None, 204)
 

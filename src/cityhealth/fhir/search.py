@@ -26,6 +26,14 @@ _SORT = {
     "number": ("value", 1e300, -1e300),
     "quantity": ("value", 1e300, -1e300),
 }
+#: JSON types a cursor key may have, by the SQL type of its sort column.
+_KEY_KINDS: dict[str, tuple[type, ...]] = {
+    "BigInteger": (int,),
+    "Integer": (int,),
+    "Float": (int, float),
+    "String": (str,),
+    "Text": (str,),
+}
 #: How deep `:iterate` includes follow references.
 MAX_INCLUDE_ROUNDS = 4
 
@@ -101,7 +109,10 @@ class Searcher:
         columns: list[tuple[Column[Any], bool]], keys: list[Any], backwards: bool
     ) -> ColumnElement[bool]:
         """Rows strictly after (or before) `keys` in the sort order: keyset paging."""
-        if len(keys) != len(columns):
+        kinds = [_KEY_KINDS.get(type(c.type).__name__, (str,)) for c, _ in columns]
+        if len(keys) != len(columns) or not all(
+            type(k) in kind for k, kind in zip(keys, kinds, strict=True)
+        ):
             raise bad_request("The paging cursor does not match this search")
         options = []
         for i, (column, descending) in enumerate(columns):

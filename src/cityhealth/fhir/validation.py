@@ -9,6 +9,7 @@ and the rules for contained resources).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from cityhealth.fhir.validation_specs import Child, Coded, Kind, Node, Primitive
 #: Stands for a property that is not in the object (None is a JSON null).
 _ABSENT: Any = object()
 _JSON_NAMES = {bool: "boolean", int: "number", float: "number", str: "string"}
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,10 @@ class Validator:
         if kind is str:
             if not value:
                 issues.error("value", here, "Empty strings are not allowed")
+                return
+            if _CONTROL.search(value):
+                # R4 datatypes: no code points below 32 except tab, CR and LF.
+                issues.error("value", here, "Control characters are not allowed in strings")
                 return
             if spec.pattern is not None and spec.pattern.fullmatch(value) is None:
                 issues.error("value", here, f"{_show(value)} is not a valid {spec.name}")
