@@ -10,10 +10,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from cityhealth import __version__
 from cityhealth.config import Settings, get_settings
@@ -38,7 +41,22 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         title="CityHealth",
         version=__version__,
         description="The Internet + healthcare platform of a city, on one FHIR R4 engine.",
+        docs_url=None,
+        redoc_url=None,
     )
+    # The API explorer's assets come from the installed swagger-ui-bundle package, not a CDN.
+    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="CityHealth API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
     app.state.engine = engine
     app.include_router(build_router(engine))
 

@@ -170,9 +170,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
         )
         return fhir_response(orjson.dumps(ok))
 
-    @router.api_route(
-        "/Patient/{rid}/$everything", methods=["GET", "POST"], summary="Patient $everything"
-    )
+    @router.get("/Patient/{rid}/$everything", summary="Patient $everything")
     async def everything(request: Request, rid: str) -> Response:
         negotiate(request)
         params = query(request)
