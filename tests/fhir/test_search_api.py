@@ -23,11 +23,7 @@ from helpers import (
     unique,
 )
 
-MULTIPART_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: python-multipart is missing, so POST _search with a form answers 500",
-)
-VIA = [pytest.param("GET", id="GET"), pytest.param("POST", id="POST", marks=MULTIPART_BUG)]
+VIA = ["GET", "POST"]
 
 
 def run(client: TestClient, via: str, rtype: str, query: str) -> set[str]:
@@ -94,10 +90,6 @@ def test_token_text_on_lower_case_text(client: TestClient) -> None:
     assert found(client, "Observation", f"code:text=sugar%20{code}") == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: token :text compares the folded query with unfolded stored text",
-)
 def test_token_text_is_case_insensitive_on_text_and_display(client: TestClient) -> None:
     code = unique("code")
     concept = {
@@ -181,7 +173,8 @@ def test_string_on_address(client: TestClient) -> None:
         ("name=zeng", {"zeng"}),
         ("name=zengxiaoming", {"zeng"}),
         ("name=ceng", set()),
-        ("family=shan", {"shan"}),
+        ("family=zhang", {"zhang"}),
+        ("name=shan", {"shan"}),
         ("name=shantianfang", {"shan"}),
         ("name=dan", set()),
         ("name=li", set()),
@@ -193,6 +186,29 @@ def test_chinese_names(client: TestClient, query: str, expected: set[str]) -> No
         client,
         sys,
         zhang={"name": [{"family": "张", "given": ["三"], "text": "张三"}]},
+        zeng={"name": [{"family": "曾", "given": ["小明"]}]},
+        shan={"name": [{"family": "单", "given": ["田芳"]}]},
+    )
+    result = found(client, "Patient", f"identifier={sys}|&{query}")
+    assert result == {made[key] for key in expected}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: the family parameter reads a Chinese surname with its everyday "
+    "reading (曾 ceng, 单 dan) instead of the surname reading",
+)
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("family=zeng", {"zeng"}), ("family=shan", {"shan"}), ("family=ceng,dan", set())],
+)
+def test_chinese_family_parameter_reads_surnames(
+    client: TestClient, query: str, expected: set[str]
+) -> None:
+    sys = system()
+    made = make(
+        client,
+        sys,
         zeng={"name": [{"family": "曾", "given": ["小明"]}]},
         shan={"name": [{"family": "单", "given": ["田芳"]}]},
     )
@@ -218,33 +234,21 @@ BIRTH_DATES = {"y": "1980", "ym": "1980-05", "ymd": "1980-05-15", "next": "1981-
         ("lt1981", {"y", "ym", "ymd"}),
         ("ge1980-05", {"y", "ym", "ymd", "next"}),
         ("ge1981-01-01", {"next"}),
+        ("ge1980-12-31", {"next"}),
         ("le1980-05", {"y", "ym", "ymd"}),
         ("le1979", set()),
+        ("le1980-01-01", set()),
+        ("le1980-05-15", {"ymd"}),
         ("sa1980-05", {"next"}),
         ("sa1980", {"next"}),
         ("eb1980-05", set()),
         ("eb1981", {"y", "ym", "ymd"}),
-        ("eb1980-05-20", set()),
+        ("eb1980-05-20", {"ymd"}),
         ("ap1980-05-15", {"y", "ym", "ymd", "next"}),
         ("ap1900", set()),
     ],
 )
 def test_birthdate_prefixes_on_partial_dates(
-    client: TestClient, value: str, expected: set[str]
-) -> None:
-    sys = system()
-    made = make(client, sys, **{k: {"birthDate": v} for k, v in BIRTH_DATES.items()})
-    result = found(client, "Patient", f"identifier={sys}|&birthdate={value}")
-    assert result == {made[key] for key in expected}
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: ge/le match a stored range that only overlaps the search range "
-    "(search.html: ge = gt or eq, le = lt or eq)",
-)
-@pytest.mark.parametrize(("value", "expected"), [("ge1980-12-31", {"next"}), ("le1980-01-01", set())])
-def test_ge_and_le_do_not_match_a_partial_overlap(
     client: TestClient, value: str, expected: set[str]
 ) -> None:
     sys = system()
@@ -262,7 +266,8 @@ def test_ge_and_le_do_not_match_a_partial_overlap(
         ("ne2020-01-15", {"period", "instant", "open"}),
         ("gt2020-01-15", {"period", "open"}),
         ("lt2020-01-15", {"period", "instant", "open"}),
-        ("ge2020-01-20", {"period", "open"}),
+        ("ge2020-01-19", {"period", "open"}),
+        ("ge2020-01-20", {"open"}),
         ("sa2020-01-05", {"period", "instant", "open"}),
         ("sa2020-01-10", {"instant"}),
         ("eb2020-01-25", {"period", "instant"}),
@@ -383,6 +388,7 @@ def test_reference_forms(client: TestClient) -> None:
     logical = create(
         client, observation(code, subject={"identifier": {"system": sys, "value": "p"}})
     )["id"]
+    unattached = create(client, observation(code))["id"]
     scope = f"code={code}"
     assert found(client, "Observation", f"{scope}&subject=Patient/{pid}") == {of_patient}
     assert found(client, "Observation", f"{scope}&subject={pid}") == {of_patient}
@@ -394,7 +400,9 @@ def test_reference_forms(client: TestClient) -> None:
         of_patient
     }
     assert found(client, "Observation", f"{scope}&subject:identifier={sys}|p") == {logical}
-    assert found(client, "Observation", f"{scope}&subject:missing=true") == set()
+    missing = found(client, "Observation", f"{scope}&subject:missing=true")
+    assert unattached in missing
+    assert not missing & {of_patient, of_group}
 
 
 def test_uri_exact_and_below(client: TestClient) -> None:

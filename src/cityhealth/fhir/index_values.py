@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cityhealth.fhir.chinese import fold
 from cityhealth.fhir.datetimes import MAX_US, MIN_US, date_range
 from cityhealth.fhir.numbers import number_range
 
@@ -58,12 +59,17 @@ class Target:
 # --- token -------------------------------------------------------------------------------
 
 
+def _folded(text: Any) -> str | None:
+    """Token display text, folded like string values so that `:text` ignores case and width."""
+    return fold(text)[:256] or None if type(text) is str else None
+
+
 def _token_coding(t: Target) -> Valuer:
     code = t.code
 
     def valuer(node: Any, rows: IndexRows) -> None:
         if type(node) is dict:
-            row = (code, node.get("system"), node.get("code"), node.get("display"))
+            row = (code, node.get("system"), node.get("code"), _folded(node.get("display")))
             if row[1] or row[2] or row[3]:
                 rows.token.append(row)
 
@@ -78,10 +84,15 @@ def _token_codeable_concept(t: Target) -> Valuer:
             return
         for coding in node.get("coding", ()):
             if type(coding) is dict:
-                row = (code, coding.get("system"), coding.get("code"), coding.get("display"))
+                row = (
+                    code,
+                    coding.get("system"),
+                    coding.get("code"),
+                    _folded(coding.get("display")),
+                )
                 if row[1] or row[2] or row[3]:
                     rows.token.append(row)
-        text = node.get("text")
+        text = _folded(node.get("text"))
         if text:
             rows.token.append((code, None, None, text))
 
@@ -95,7 +106,7 @@ def _token_identifier(t: Target) -> Valuer:
         if type(node) is not dict:
             return
         kind = node.get("type")
-        text = kind.get("text") if type(kind) is dict else None
+        text = _folded(kind.get("text")) if type(kind) is dict else None
         row = (code, node.get("system"), node.get("value"), text)
         if row[1] or row[2] or text:
             rows.token.append(row)

@@ -78,6 +78,12 @@ def build_router(engine: FhirEngine) -> APIRouter:
         statement = capability_statement(engine.definitions, base(request))
         return fhir_response(orjson.dumps(statement))
 
+    @router.api_route(
+        "/metadata", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    async def metadata_other() -> Response:
+        raise FhirError(405, "not-supported", "The CapabilityStatement is read with GET")
+
     @router.post("", summary="Transaction or batch Bundle")
     async def bundle(request: Request) -> Response:
         negotiate(request)

@@ -80,10 +80,10 @@ def range_condition(
         return high > s_high
     if prefix == "lt":
         return low < s_low
-    if prefix == "ge":
-        return high > s_low
-    if prefix == "le":
-        return low < s_high
+    if prefix == "ge":  # gt or eq
+        return or_(high > s_high, and_(low >= s_low, high <= s_high))
+    if prefix == "le":  # lt or eq
+        return or_(low < s_low, and_(low >= s_low, high <= s_high))
     if prefix == "sa":
         return low >= s_high
     if prefix == "eb":

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.definitions import Definitions
 from cityhealth.fhir.validation_specs import Child, Coded, Kind, Node, Primitive, SpecCompiler
 
@@ -21,6 +22,7 @@ from cityhealth.fhir.validation_specs import Child, Coded, Kind, Node, Primitive
 _ABSENT: Any = object()
 _JSON_NAMES = {bool: "boolean", int: "number", float: "number", str: "string"}
 
+_CALENDAR_TYPES = frozenset({"date", "dateTime", "instant"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
@@ -227,6 +229,12 @@ class Validator:
             if spec.pattern is not None and spec.pattern.fullmatch(value) is None:
                 issues.error("value", here, f"{_show(value)} is not a valid {spec.name}")
                 return
+            if spec.name in _CALENDAR_TYPES:
+                try:
+                    date_range(value)  # the regexes let through days such as 02-30
+                except ValueError:
+                    issues.error("value", here, f"{_show(value)} is not a calendar {spec.name}")
+                    return
         elif kind is int and (
             (spec.pattern is not None and spec.pattern.fullmatch(str(value)) is None)
             or (spec.low is not None and value < spec.low)
