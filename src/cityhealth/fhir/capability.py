@@ -20,15 +20,6 @@ TYPE_INTERACTIONS = (
     "create",
     "search-type",
 )
-RESULT_PARAMETERS = (
-    "_count",
-    "_sort",
-    "_total",
-    "_summary",
-    "_elements",
-    "_include",
-    "_revinclude",
-)
 
 
 def _resource_entry(definitions: Definitions, rtype: str) -> dict[str, Any]:
@@ -123,10 +114,6 @@ def capability_statement(definitions: Definitions, base: str) -> dict[str, Any]:
                     {"code": "transaction"},
                     {"code": "batch"},
                     {"code": "history-system"},
-                ],
-                "searchParam": [
-                    {"name": name, "type": "special" if name.startswith("_") else "string"}
-                    for name in RESULT_PARAMETERS
                 ],
             }
         ],

@@ -93,6 +93,16 @@ def version_headers(base: str, stored: Stored) -> dict[str, str]:
     }
 
 
+def resource_response(stored: Stored) -> Response:
+    """A read or vread: the stored bytes with their version headers."""
+    assert stored.body is not None
+    return fhir_response(
+        stored.body.encode(),
+        200,
+        {"ETag": stored.etag, "Last-Modified": http_date(stored.last_updated)},
+    )
+
+
 def write_response(request: Request, base: str, stored: Stored, status: int) -> Response:
     """Answer a create/update/patch as the client's Prefer header asks."""
     headers = version_headers(base, stored)

@@ -22,7 +22,7 @@ from cityhealth.fhir.http import (
     json_body,
     negotiate,
     prefer,
-    version_headers,
+    resource_response,
     write_response,
 )
 from cityhealth.fhir.responses import history_bundle, searchset
@@ -160,8 +160,11 @@ def build_router(engine: FhirEngine) -> APIRouter:
         negotiate(request)
         body = await json_body(request)
         if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+            parts = body.get("parameter")
             found = [
-                p.get("resource") for p in body.get("parameter", []) if p.get("name") == "resource"
+                p.get("resource")
+                for p in (parts if isinstance(parts, list) else [])
+                if isinstance(p, dict) and p.get("name") == "resource"
             ]
             body = found[0] if found else body
         engine.repository.check_type(rtype)
@@ -190,10 +193,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def read(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
         stored = await run(engine.repository.read, context(request), rtype, rid)
-        assert stored.body is not None
-        headers = version_headers(base(request), stored)
-        del headers["Location"]
-        return fhir_response(stored.body.encode(), 200, headers)
+        return resource_response(stored)
 
     @router.put("/{rtype}/{rid}", summary="Update (or create with this id)")
     async def update(request: Request, rtype: str, rid: str) -> Response:
@@ -230,10 +230,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
         negotiate(request)
         stored = await run(engine.repository.vread, context(request), rtype, rid, vid)
-        assert stored.body is not None
-        headers = version_headers(base(request), stored)
-        del headers["Location"]
-        return fhir_response(stored.body.encode(), 200, headers)
+        return resource_response(stored)
 
     return router
 
