@@ -114,6 +114,7 @@ def capability_statement(definitions: Definitions, base: str) -> dict[str, Any]:
                     {"code": "transaction"},
                     {"code": "batch"},
                     {"code": "history-system"},
+                    {"code": "search-system"},
                 ],
             }
         ],

@@ -55,6 +55,11 @@ class FhirEngine:
         self.repository.check_type(rtype)
         return self.parser.parse(rtype, params, lenient)
 
+    def parse_system_search(
+        self, params: list[tuple[str, str]], lenient: bool = False
+    ) -> SearchRequest:
+        return self.parser.parse_system(params, lenient)
+
     def search(
         self,
         ctx: AccessContext,

@@ -48,11 +48,23 @@ def build_router(engine: FhirEngine) -> APIRouter:
     def query(request: Request) -> list[tuple[str, str]]:
         return [(k, v) for k, v in request.query_params.multi_items()]
 
+    async def form_query(request: Request) -> list[tuple[str, str]]:
+        """The URL's parameters plus those of a form-encoded body (POST _search)."""
+        form = await request.form() if _is_form(request) else None
+        if form is None and (await request.body()).strip():
+            raise FhirError(
+                415, "not-supported", "POST _search takes application/x-www-form-urlencoded"
+            )
+        return query(request) + ([(k, str(v)) for k, v in form.multi_items()] if form else [])
+
     async def search_response(
         request: Request, rtype: str, params: list[tuple[str, str]]
     ) -> Response:
         lenient = prefer(request, "handling") == "lenient"
-        search = await run(engine.parse_search, rtype, params, lenient)
+        if rtype:
+            search = await run(engine.parse_search, rtype, params, lenient)
+        else:
+            search = await run(engine.parse_system_search, params, lenient)
         result = await run(engine.search, context(request), search, base(request))
         outcome = None
         if search.ignored:
@@ -66,7 +78,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
             engine.definitions,
             result,
             base(request),
-            f"{base(request)}/{rtype}",
+            f"{base(request)}/{rtype}".rstrip("/"),
             search.canonical(),
             outcome,
         )
@@ -83,6 +95,16 @@ def build_router(engine: FhirEngine) -> APIRouter:
     )
     async def metadata_other() -> Response:
         raise FhirError(405, "not-supported", "The CapabilityStatement is read with GET")
+
+    @router.get("", summary="Search across resource types")
+    async def system_search(request: Request) -> Response:
+        negotiate(request)
+        return await search_response(request, "", query(request))
+
+    @router.post("/_search", summary="Search across resource types by POST")
+    async def system_search_post(request: Request) -> Response:
+        negotiate(request)
+        return await search_response(request, "", await form_query(request))
 
     @router.post("", summary="Transaction or batch Bundle")
     async def bundle(request: Request) -> Response:
@@ -108,13 +130,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.post("/{rtype}/_search", summary="Search by POST")
     async def search_post(request: Request, rtype: str) -> Response:
         negotiate(request)
-        form = await request.form() if _is_form(request) else None
-        if form is None and (await request.body()).strip():
-            raise FhirError(
-                415, "not-supported", "POST _search takes application/x-www-form-urlencoded"
-            )
-        params = query(request) + ([(k, str(v)) for k, v in form.multi_items()] if form else [])
-        return await search_response(request, rtype, params)
+        return await search_response(request, rtype, await form_query(request))
 
     @router.post("/{rtype}", summary="Create")
     async def create(request: Request, rtype: str) -> Response:

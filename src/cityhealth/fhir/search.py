@@ -34,6 +34,8 @@ _KEY_KINDS: dict[str, tuple[type, ...]] = {
     "String": (str,),
     "Text": (str,),
 }
+#: Criteria on the resource row itself, the same for every type.
+_TYPE_FREE = frozenset({"_id", "_lastUpdated"})
 #: How deep `:iterate` includes follow references.
 MAX_INCLUDE_ROUNDS = 4
 
@@ -122,9 +124,25 @@ class Searcher:
         return or_(*options)
 
     def where(self, r: FromClause, request: SearchRequest, builder: ClauseBuilder) -> list[Any]:
-        return [r.c.type == request.resource_type, r.c.deleted.is_(False)] + [
-            builder.criterion(r, request.resource_type, c.name, c.values) for c in request.criteria
-        ]
+        types = self.parser.searched_types(request)
+        where: list[Any] = [r.c.deleted.is_(False)]
+        if len(types) == 1:
+            where.append(r.c.type == types[0])
+        elif request.types:
+            where.append(r.c.type.in_(types))
+        for c in request.criteria:
+            if len(types) == 1 or c.name.partition(":")[0] in _TYPE_FREE:
+                where.append(builder.criterion(r, types[0], c.name, c.values))
+            else:
+                where.append(
+                    or_(
+                        *[
+                            and_(r.c.type == t, builder.criterion(r, t, c.name, c.values))
+                            for t in types
+                        ]
+                    )
+                )
+        return where
 
     def run(self, conn: Connection, request: SearchRequest, base_url: str | None) -> SearchResult:
         builder = ClauseBuilder(self.parser, base_url)

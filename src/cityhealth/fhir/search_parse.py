@@ -81,7 +81,9 @@ class Include:
 
 @dataclass
 class SearchRequest:
-    resource_type: str
+    resource_type: str  # empty for a search across types
+    #: The types a search across types covers (`_type`; all when not given).
+    types: tuple[str, ...] = ()
     criteria: list[Criterion] = field(default_factory=list)
     count: int = 20
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
@@ -95,6 +97,8 @@ class SearchRequest:
     def canonical(self) -> list[tuple[str, str]]:
         """The parameters as understood, for self and paging links."""
         out = [(c.name, ",".join(v.replace(",", "\\,") for v in c.values)) for c in self.criteria]
+        if self.types and not self.resource_type:
+            out.insert(0, ("_type", ",".join(self.types)))
         if self.sort:
             out.append(("_sort", ",".join(("-" if d else "") + p for p, d in self.sort)))
         out.append(("_count", str(self.count)))
@@ -139,9 +143,13 @@ class QueryParser:
         return self.definitions.params_for(rtype).get(code)
 
     def parse(
-        self, rtype: str, query: list[tuple[str, str]], lenient: bool = False
+        self,
+        rtype: str,
+        query: list[tuple[str, str]],
+        lenient: bool = False,
+        types: tuple[str, ...] = (),
     ) -> SearchRequest:
-        request = SearchRequest(resource_type=rtype, count=self.default_count)
+        request = SearchRequest(resource_type=rtype, types=types, count=self.default_count)
         for name, raw in query:
             try:
                 self._parse_one(request, name, raw)
@@ -150,6 +158,20 @@ class QueryParser:
                     request.ignored.append(name)
                     continue
                 raise
+        return request
+
+    def parse_system(self, query: list[tuple[str, str]], lenient: bool = False) -> SearchRequest:
+        """A search across resource types (`GET [base]?…`): `_type` picks the types, and every
+        criterion must be a parameter of each of them."""
+        types: list[str] = []
+        for name, raw in query:
+            if name == "_type":
+                for rtype in raw.split(","):
+                    if not self.definitions.is_resource_type(rtype):
+                        raise bad_request(f"_type: unknown resource type '{rtype}'")
+                    types.append(rtype)
+        rest = [(n, v) for n, v in query if n != "_type"]
+        request = self.parse("", rest, lenient, types=tuple(dict.fromkeys(types)))
         return request
 
     def _parse_one(self, request: SearchRequest, name: str, raw: str) -> None:
@@ -179,8 +201,14 @@ class QueryParser:
         elif base == "_cursor":
             request.cursor = raw
         else:
-            self.check_criterion(request.resource_type, name)
+            for rtype in self.searched_types(request):
+                self.check_criterion(rtype, name)
             request.criteria.append(Criterion(name, split_values(raw)))
+
+    def searched_types(self, request: SearchRequest) -> tuple[str, ...]:
+        if request.resource_type:
+            return (request.resource_type,)
+        return request.types or tuple(sorted(self.definitions.resource_types))
 
     def _sort_key(self, rtype: str, value: str) -> tuple[str, bool]:
         descending = value.startswith("-")
