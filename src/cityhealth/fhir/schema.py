@@ -136,3 +136,32 @@ INDEX_TABLES = {
     "reference": idx_reference,
     "uri": idx_uri,
 }
+
+#: What `cityhealth import` has finished: one row per bundle or NDJSON chunk, by checksum, so
+#: that a re-run (or a run after a kill) skips it and nothing is stored twice.
+import_journal = Table(
+    "import_journal",
+    metadata,
+    Column("checksum", String(64), primary_key=True),  # sha256 hex of the bundle / chunk
+    Column("source", Text, nullable=False),  # file name (and line range) for the report
+    Column("resources", Integer, nullable=False),
+    Column("finished_at", BigInteger, nullable=False),  # epoch microseconds
+)
+
+#: Background jobs kept in the database (bulk export …), so they survive a restart.
+job = Table(
+    "job",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),  # e.g. "export"
+    Column("status", String(16), nullable=False),  # accepted running completed failed cancelled
+    Column("request", Text, nullable=False),  # JSON: what was asked (URL, parameters, who)
+    Column("progress", Text),  # human-readable, e.g. "Patient 3/12"
+    Column("result", Text),  # JSON: e.g. the Bulk Data manifest
+    Column("error", Text),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger),
+    Column("owner", Text),  # who asked (AccessContext.who); only they may poll or cancel
+    Index("ix_job_status", "status", "created_at"),
+)
