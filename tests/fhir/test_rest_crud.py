@@ -21,13 +21,14 @@ from helpers import (
     patient,
     read,
     relative,
-    search,
     system,
     total,
     unique,
 )
 
-VERSION_LOCATION = re.compile(r"^https?://[^/]+/fhir/Patient/([A-Za-z0-9\-.]{1,64})/_history/(\d+)$")
+VERSION_LOCATION = re.compile(
+    r"^https?://[^/]+/fhir/Patient/([A-Za-z0-9\-.]{1,64})/_history/(\d+)$"
+)
 
 
 def _seconds(instant: str) -> datetime:
@@ -70,6 +71,17 @@ def test_create_assigns_an_id_and_answers_201_with_version_headers(client: TestC
     modified = email.utils.parsedate_to_datetime(response.headers["last-modified"])
     assert modified == _seconds(body["meta"]["lastUpdated"])
     assert read(client, "Patient", body["id"]) == body
+
+
+def test_decimal_precision_is_preserved(client: TestClient) -> None:
+    # datatypes.html, decimal: the precision of the value is significant (0.010 is not 0.01).
+    body = b'{"resourceType": "Observation", "status": "final", "code": {"text": "weight"},'
+    body += b' "valueQuantity": {"value": 5.40, "unit": "kg"}}'
+    response = client.post("/fhir/Observation", content=body, headers={"Content-Type": FHIR_JSON})
+    assert response.status_code == 201, response.text
+    assert b'"value":5.40' in response.content.replace(b" ", b"")
+    stored = client.get(f"/fhir/Observation/{response.json()['id']}")
+    assert b'"value":5.40' in stored.content.replace(b" ", b"")
 
 
 def test_read_and_vread_answer_the_version_with_its_etag(client: TestClient) -> None:
@@ -187,6 +199,18 @@ def test_history_since_and_at(client: TestClient) -> None:
     assert_outcome(client.get(f"/fhir/Patient/{rid}/_history?_since=yesterday"), 400)
 
 
+def test_history_at_a_period_lists_every_version_current_during_it(client: TestClient) -> None:
+    created = create(client, patient(gender="male"))
+    rid = created["id"]
+    client.put(f"/fhir/Patient/{rid}", json={**created, "gender": "female"})
+    client.put(f"/fhir/Patient/{rid}", json={**created, "gender": "other"})
+    year = created["meta"]["lastUpdated"][:4]
+    bundle = _history(client, f"/fhir/Patient/{rid}/_history?_at={year}")
+    assert _versions(bundle) == ['W/"3"', 'W/"2"', 'W/"1"']
+    before = _history(client, f"/fhir/Patient/{rid}/_history?_at={int(year) - 1}")
+    assert before.get("entry", []) == []
+
+
 def test_type_and_system_history_since(client: TestClient) -> None:
     first = create(client, patient(gender="male"))
     since = first["meta"]["lastUpdated"].replace("+", "%2B")
@@ -271,6 +295,22 @@ def test_conditional_update_creates_updates_or_refuses(client: TestClient) -> No
     assert_outcome(refused, 412)
     assert history_total(client) == before
     assert read(client, "Patient", rid)["gender"] == "female"
+
+
+def test_conditional_update_with_an_id_in_the_body(client: TestClient) -> None:
+    sys = system()
+    matched = create(client, patient(identifier=[{"system": sys, "value": "m"}]))["id"]
+    other = create(client, patient(gender="male"))["id"]
+    # One match, but the body names another resource: 400 (http.html#cond-update).
+    wrong = client.put(f"/fhir/Patient?identifier={sys}|m", json=patient(id=other, gender="female"))
+    assert_outcome(wrong, 400)
+    assert read(client, "Patient", other)["gender"] == "male"
+    assert read(client, "Patient", matched)["meta"]["versionId"] == "1"
+    # No match and a new id: update as create with that id.
+    rid = unique("cond-")
+    created = client.put(f"/fhir/Patient?identifier={sys}|none", json=patient(id=rid))
+    assert created.status_code == 201, created.text
+    assert created.json()["id"] == rid
 
 
 def test_conditional_delete(client: TestClient) -> None:
@@ -411,7 +451,9 @@ def test_patch_honours_if_match_and_missing_resources(client: TestClient) -> Non
     rid = create(client, patient(gender="male"))["id"]
     ops = b'[{"op": "replace", "path": "/gender", "value": "female"}]'
     stale = client.patch(
-        f"/fhir/Patient/{rid}", content=ops, headers={"Content-Type": JSON_PATCH, "If-Match": 'W/"7"'}
+        f"/fhir/Patient/{rid}",
+        content=ops,
+        headers={"Content-Type": JSON_PATCH, "If-Match": 'W/"7"'},
     )
     assert_outcome(stale, 412)
     assert read(client, "Patient", rid)["gender"] == "male"
@@ -441,7 +483,10 @@ def test_validate_reports_errors_of_an_invalid_resource_without_storing_it(
 ) -> None:
     sys = system()
     invalid = patient(identifier=[{"system": sys, "value": "v"}], gender="bogus")
-    for body in (invalid, {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": invalid}]}):
+    for body in (
+        invalid,
+        {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": invalid}]},
+    ):
         response = client.post("/fhir/Patient/$validate", json=body)
         assert response.status_code == 200, response.text
         outcome = response.json()

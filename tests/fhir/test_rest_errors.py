@@ -198,7 +198,9 @@ def test_lenient_handling_ignores_an_unknown_parameter(client: TestClient) -> No
     warnings = entries(bundle, "outcome")
     assert warnings and warnings[0]["resourceType"] == "OperationOutcome"
     assert "shoe-size" in warnings[0]["issue"][0]["diagnostics"]
-    strict = client.get(f"/fhir/Patient?family={family}&shoe-size=42", headers={"Prefer": "handling=strict"})
+    strict = client.get(
+        f"/fhir/Patient?family={family}&shoe-size=42", headers={"Prefer": "handling=strict"}
+    )
     assert_outcome(strict, 400)
 
 
@@ -268,6 +270,32 @@ def test_post_search_needs_a_form_body(client: TestClient) -> None:
         "/fhir/Patient/_search", content=b'{"name": "x"}', headers={"Content-Type": FHIR_JSON}
     )
     assert_outcome(response, 415)
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fhir/Patient?name=%00",
+        "/fhir/Patient?name=a\\",
+        "/fhir/Patient?_count=99999999999999999999",
+        "/fhir/Patient?_cursor=",
+        "/fhir/Patient?=x",
+        "/fhir/Patient?general-practitioner.=x",
+        "/fhir/Patient?birthdate=9999-12-31T23:59:59%2B14:00",
+        "/fhir/Patient?birthdate=2020-01-01T10:00:00%2B15:00",
+        "/fhir/Patient?_has:Observation:patient:_has:Observation:patient:code=1",
+        "/fhir/Observation?value-quantity=1e400",
+        "/fhir/Observation?value-quantity=nan",
+        "/fhir/Observation?subject=urn:uuid:1",
+        "/fhir/_history?_count=99999999999999999999",
+        "/fhir/Patient/1/$everything?_cursor=zzz",
+    ],
+)
+def test_odd_requests_never_fail_with_500(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code < 500, response.text
+    assert response.json()["resourceType"] in ("Bundle", "OperationOutcome")
 
 
 # -- writes that are refused as a whole ------------------------------------------------------

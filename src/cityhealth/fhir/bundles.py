@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +21,7 @@ from urllib.parse import urlsplit
 import orjson
 from sqlalchemy import Connection
 
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.engine import JSON_PATCH, FhirEngine, query_pairs
 from cityhealth.fhir.errors import FhirError, bad_request, precondition_failed
@@ -26,7 +30,33 @@ from cityhealth.fhir.store import Stored
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+_URN_UUID = re.compile(
+    r"urn:uuid:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+)
 _CONDITIONAL_REF = re.compile(r"^[A-Z][A-Za-z]+\?.+")
+
+
+def _skeleton(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The Bundle without its entries' resources: each resource is validated by the operation
+    of its own entry, so that a batch reports it on that entry alone."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return bundle
+    return {
+        **bundle,
+        "entry": [
+            {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
+            for e in entries
+        ],
+    }
+
+
+@contextmanager
+def _about(entry: Entry) -> Iterator[None]:
+    try:
+        yield
+    except FhirError as error:
+        raise error.within(f"Bundle.entry[{entry.index}]") from None
 
 
 @dataclass
@@ -71,20 +101,24 @@ class BundleProcessor:
     def __init__(self, engine: FhirEngine) -> None:
         self.engine = engine
 
-    def process(self, ctx: AccessContext, bundle: Any, base: str) -> dict[str, Any]:
+    def process(
+        self, ctx: AccessContext, bundle: Any, base: str, conn: Connection | None = None
+    ) -> dict[str, Any]:
+        """Run a transaction or batch; inside the caller's transaction when `conn` is given
+        (batch entries then each get a savepoint)."""
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise bad_request("POST to the base takes a Bundle", "resourceType")
         kind = bundle.get("type")
         if kind not in ("transaction", "batch"):
             raise bad_request("Bundle.type must be 'transaction' or 'batch'", "Bundle.type")
-        self.engine.repository.validate(bundle, "Bundle")
+        self.engine.repository.validate(_skeleton(bundle), "Bundle")
         entries = [self._entry(i, e, kind) for i, e in enumerate(bundle.get("entry", []))]
         if kind == "transaction":
-            with self.engine.db.write() as conn:
-                self._transaction(ctx, entries, conn, base)
+            with self.engine.repository.transaction(conn) as tx:
+                self._transaction(ctx, entries, tx, base)
         else:
             for entry in sorted(entries, key=lambda e: ORDER.get(e.method, 9)):
-                self._batch_entry(ctx, entry, base)
+                self._batch_entry(ctx, entry, base, conn)
         return {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
@@ -119,30 +153,46 @@ class BundleProcessor:
         self, ctx: AccessContext, entries: list[Entry], conn: Connection, base: str
     ) -> None:
         ordered = sorted(entries, key=lambda e: ORDER[e.method])
-        targets = [
+        targets = Counter(
             f"{e.rtype}/{e.path.split('/')[1]}"
             for e in entries
             if e.method in ("PUT", "PATCH", "DELETE") and "/" in e.path
-        ]
-        duplicates = {t for t in targets if targets.count(t) > 1}
+        )
+        duplicates = sorted(t for t, n in targets.items() if n > 1)
         if duplicates:
-            raise bad_request(f"The transaction changes {sorted(duplicates)[0]} more than once")
+            raise bad_request(f"The transaction changes {duplicates[0]} more than once")
         for entry in ordered:
             if entry.method == "DELETE":
-                self._run(ctx, entry, conn, base)
+                with _about(entry):
+                    self._run(ctx, entry, conn, base)
         mapping = self._identities(ctx, entries, conn)
         for entry in entries:
             if entry.resource is not None:
-                entry.resource = self._rewrite(entry.resource, mapping, conn)
+                with _about(entry):
+                    entry.resource = self._rewrite(entry.resource, mapping, conn)
+        self._create_all(ctx, [e for e in ordered if e.method == "POST" and not e.response], conn)
         for entry in ordered:
-            if entry.method != "DELETE":
-                try:
+            if entry.method not in ("DELETE", "POST"):
+                with _about(entry):
                     self._run(ctx, entry, conn, base)
-                except FhirError as error:
-                    error.diagnostics = f"Bundle.entry[{entry.index}]: {error.diagnostics}"
-                    error.issues = []
-                    error.__post_init__()
-                    raise
+
+    def _create_all(self, ctx: AccessContext, posts: list[Entry], conn: Connection) -> None:
+        """The plain creates of a transaction, written together (their ids are already set)."""
+        for entry in posts:
+            if "/" in entry.path:
+                raise bad_request(f"POST url must be a resource type, not '{entry.url}'").within(
+                    f"Bundle.entry[{entry.index}]"
+                )
+        try:
+            results = self.engine.repository.create_many(
+                ctx, [(e.rtype, e.resource, e.target_id) for e in posts], conn
+            )
+        except FhirError as error:
+            if error.index is not None:
+                error.within(f"Bundle.entry[{posts[error.index].index}]")
+            raise
+        for entry, result in zip(posts, results, strict=True):
+            self._written(entry, result.stored, 201)
 
     def _identities(
         self, ctx: AccessContext, entries: list[Entry], conn: Connection
@@ -199,8 +249,11 @@ class BundleProcessor:
             return out
         if isinstance(value, list):
             return [self._rewrite(v, mapping, conn) for v in value]
-        if isinstance(value, str) and value in mapping:
-            return mapping[value]
+        if isinstance(value, str):
+            if value in mapping:
+                return mapping[value]
+            if "urn:uuid:" in value:  # e.g. links in the narrative
+                return _URN_UUID.sub(lambda m: mapping.get(m.group(0), m.group(0)), value)
         return value
 
     def _reference(self, reference: str, mapping: dict[str, str], conn: Connection) -> str:
@@ -219,14 +272,25 @@ class BundleProcessor:
         return reference
 
     # -- one entry ------------------------------------------------------------------------
-    def _batch_entry(self, ctx: AccessContext, entry: Entry, base: str) -> None:
+    def _batch_entry(
+        self, ctx: AccessContext, entry: Entry, base: str, outer: Connection | None
+    ) -> None:
         try:
-            with self.engine.db.write() as conn:
+            with self._own_transaction(outer) as conn:
                 if entry.resource is not None:
                     entry.resource = self._rewrite(entry.resource, {}, conn)
                 self._run(ctx, entry, conn, base)
         except FhirError as error:
             entry.response = {"response": {"status": str(error.status), "outcome": error.outcome()}}
+
+    @contextmanager
+    def _own_transaction(self, outer: Connection | None) -> Iterator[Connection]:
+        if outer is None:
+            with self.engine.db.write() as conn:
+                yield conn
+        else:
+            with outer.begin_nested():
+                yield outer
 
     def _written(self, entry: Entry, stored: Stored, status: int) -> None:
         entry.response = {
@@ -291,7 +355,7 @@ class BundleProcessor:
     def _patch_body(resource: Any) -> tuple[str, Any]:
         if isinstance(resource, dict) and resource.get("resourceType") == "Binary":
             try:
-                data = orjson.loads(base64.b64decode(resource.get("data", "")))
+                data = jsonio.loads(base64.b64decode(resource.get("data", "")))
             except (ValueError, orjson.JSONDecodeError):
                 raise bad_request("The Binary of a PATCH entry must hold a JSON Patch") from None
             return JSON_PATCH, data
@@ -305,7 +369,7 @@ class BundleProcessor:
             body = searchset(
                 engine.definitions, result, base, f"{base}/{parts[0]}", search.canonical()
             )
-            entry.response = {"resource": orjson.loads(body), "response": {"status": _status(200)}}
+            entry.response = {"resource": jsonio.loads(body), "response": {"status": _status(200)}}
             return
         if len(parts) == 2:
             stored = engine.repository.read(ctx, parts[0], parts[1], conn)
@@ -316,7 +380,7 @@ class BundleProcessor:
         assert stored.body is not None
         entry.response = {
             "fullUrl": f"{base}/{stored.type}/{stored.id}",
-            "resource": orjson.loads(stored.body),
+            "resource": jsonio.loads(stored.body),
             "response": {
                 "status": _status(200),
                 "etag": stored.etag,

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from sqlalchemy import Connection, and_, or_, select
 
 from cityhealth.config import Settings
 from cityhealth.db import Database
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.definitions import Definitions
@@ -170,7 +170,7 @@ class FhirEngine:
                     f"Version {if_match} is not the current version of {rtype}/{rid}"
                 )
             assert current.body is not None
-            original = orjson.loads(current.body)
+            original = jsonio.loads(current.body)
             try:
                 if content_type == JSON_PATCH:
                     patched = apply_json_patch(original, patch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -36,11 +36,19 @@ class FhirError(Exception):
     expression: tuple[str, ...] = ()
     issues: list[OutcomeIssue] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    #: For a batch of items (e.g. bundle entries written together): which one failed.
+    index: int | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.diagnostics)
         if not self.issues:
             self.issues = [OutcomeIssue("error", self.code, self.diagnostics, self.expression)]
+
+    def within(self, where: str) -> FhirError:
+        """The same error, said to have happened in `where` (e.g. a Bundle entry)."""
+        self.diagnostics = f"{where}: {self.diagnostics}"
+        self.issues = [replace(i, diagnostics=f"{where}: {i.diagnostics}") for i in self.issues]
+        return self
 
     def outcome(self) -> dict[str, Any]:
         return operation_outcome(self.issues)

@@ -19,7 +19,7 @@ class HistoryQuery:
     rtype: str | None = None
     rid: str | None = None
     since: int | None = None  # microseconds, inclusive
-    at: int | None = None  # microseconds: the versions current at that instant
+    at: tuple[int, int] | None = None  # [low, high): versions current at some point in it
     count: int = 20
     cursor: str | None = None
 
@@ -44,7 +44,7 @@ def parse_history_params(
             if name == "_since":
                 query.since = low
             else:
-                query.at = high - 1
+                query.at = (low, high)
         elif name == "_count":
             if not value.isdigit():
                 raise bad_request(f"_count must be a non-negative integer, not '{value}'")
@@ -66,13 +66,16 @@ def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
     if query.since is not None:
         where.append(h.c.last_updated >= query.since)
     if query.at is not None:
+        low, high = query.at
         later = resource_history.alias()
-        current_then = (
-            select(func.max(later.c.version))
-            .where(later.c.rid == h.c.rid, later.c.last_updated <= query.at)
+        superseded_at = (
+            select(func.min(later.c.last_updated))
+            .where(later.c.rid == h.c.rid, later.c.version > h.c.version)
             .scalar_subquery()
         )
-        where.append(h.c.version == current_then)
+        # A version is current from its own lastUpdated until the next version's.
+        where.append(h.c.last_updated < high)
+        where.append(or_(superseded_at.is_(None), superseded_at > low))
     page = HistoryPage()
     if not query.cursor:
         page.total = conn.execute(select(func.count()).select_from(h).where(*where)).scalar()

@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from fastapi import Request, Response
 
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.clock import http_date
 from cityhealth.fhir.errors import FhirError, OutcomeIssue, bad_request, operation_outcome
 from cityhealth.fhir.store import Stored
@@ -47,7 +48,7 @@ async def json_body(request: Request, allow: frozenset[str] = JSON_TYPES) -> Any
     if not raw.strip():
         raise bad_request("The request has no body")
     try:
-        return orjson.loads(raw)
+        return jsonio.loads(raw)
     except orjson.JSONDecodeError as error:
         raise bad_request(f"The body is not valid JSON: {error}", code="structure") from None
 

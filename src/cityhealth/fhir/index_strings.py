@@ -22,23 +22,23 @@ from cityhealth.fhir.index_values import (
 MAX_FOLDED = 256
 
 
-def _add_text(code: str, text: str, rows: IndexRows) -> None:
+def _add_text(code: str, text: str, rows: IndexRows, name_part: Any = None) -> None:
     """A plain text value: its folded form with the exact text, and pinyin for Han text."""
     folded = fold(text)[:MAX_FOLDED]
     if not folded:
         return  # whitespace only
     rows.string.append((code, folded, text))
     if has_han(text):
-        for form in pinyin_forms(text):
+        for form in pinyin_forms(text, name_part=name_part):
             rows.string.append((code, form[:MAX_FOLDED], None))
 
 
 def _string_text(t: Target) -> Valuer:
-    code = t.code
+    code, name_part = t.code, t.name_part
 
     def valuer(node: Any, rows: IndexRows) -> None:
         if type(node) is str and node:
-            _add_text(code, node, rows)
+            _add_text(code, node, rows, name_part)
 
     return valuer
 

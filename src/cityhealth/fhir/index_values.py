@@ -54,6 +54,8 @@ class Target:
     targets: frozenset[str] | None = None
     #: The concrete resource types, to read the type of a literal reference.
     resource_types: frozenset[str] = frozenset()
+    #: "family" or "given" when the element is that part of a HumanName (surname readings).
+    name_part: str | None = None
 
 
 # --- token -------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def _date_timing(t: Target) -> Valuer:
 
 
 def _number_of(value: Any) -> tuple[float, float, float] | None:
-    if type(value) is int or type(value) is float:
+    if isinstance(value, int | float) and type(value) is not bool:
         try:
             return number_range(value)
         except ValueError:

@@ -101,8 +101,13 @@ class Indexer:
         if isinstance(compiled, ExistsNotFalse):
             plan.always.append(_exists_not_false_emitter(param.code, compiled.branches))
             return
+        name_part = next(
+            (part for part in ("family", "given") if expression.endswith(f".name.{part}")), None
+        )
         for branch in compiled:
-            target = Target(param.code, branch.binding_system, branch.targets, self._resource_types)
+            target = Target(
+                param.code, branch.binding_system, branch.targets, self._resource_types, name_part
+            )
             valuer = _make_valuer(param.type, branch.type_code, target)
             if valuer is not None:
                 plan.by_key.setdefault(branch.key, []).append(_key_emitter(branch.ops, valuer))
@@ -206,7 +211,7 @@ def _type_by_shape(value: Any, param_type: str) -> str | None:
     kind = type(value)
     if kind is bool:
         return "boolean"
-    if kind is int or kind is float:
+    if isinstance(value, int | float):
         return "decimal"
     if kind is str:
         return _STRING_TYPES.get(param_type, "string")
@@ -231,7 +236,7 @@ def _type_by_shape(value: Any, param_type: str) -> str | None:
     if any(key in value for key in _ADDRESS_KEYS):
         return "Address"
     if "value" in value:
-        if type(value["value"]) in (int, float):
+        if isinstance(value["value"], int | float) and type(value["value"]) is not bool:
             return "Quantity"
         return "ContactPoint" if value.get("system") in _CONTACT_SYSTEMS else "Identifier"
     if "code" in value or "system" in value:

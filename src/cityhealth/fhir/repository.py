@@ -10,11 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection
 
 from cityhealth.db import Database
-from cityhealth.fhir import store
+from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.clock import instant, now_us
 from cityhealth.fhir.definitions import Definitions
@@ -95,7 +94,7 @@ class Repository:
         meta["versionId"] = str(version)
         meta["lastUpdated"] = instant(us)
         resource["meta"] = meta
-        return orjson.dumps(resource).decode()
+        return jsonio.dumps(resource).decode()
 
     def _patients(self, rtype: str, rid: str, rows: Any) -> set[str]:
         if rtype == "Patient":
@@ -110,26 +109,39 @@ class Repository:
     def _write(
         self,
         conn: Connection,
-        resource: dict[str, Any],
-        rtype: str,
-        rid: str,
-        previous: Stored | None,
+        items: list[tuple[dict[str, Any], str, str, Stored | None]],
         method: str,
-    ) -> Stored:
-        version = previous.version + 1 if previous else 1
-        us = now_us()
-        body = self._stamp(resource, rid, version, us)
-        rows = self.indexer.index(resource)
-        if previous is None:
-            row_id = store.insert_new(conn, rtype, rid, version, us, body)
-        else:
-            row_id = previous.rid
-            store.replace_current(conn, row_id, version, us, body)
-            store.clear_index(conn, row_id)
-        stored = Stored(row_id, rtype, rid, version, us, False, body, method)
-        store.add_history(conn, stored)
-        store.write_index(conn, row_id, rtype, rows, self._patients(rtype, rid, rows))
-        return stored
+    ) -> list[Stored]:
+        """Write new versions of (resource, type, id, previous version) in a few statements."""
+        prepared = []
+        for resource, rtype, rid, previous in items:
+            version = previous.version + 1 if previous else 1
+            us = now_us()
+            body = self._stamp(resource, rid, version, us)
+            prepared.append((rtype, rid, version, us, body, self.indexer.index(resource), previous))
+        new_rids = iter(
+            store.insert_new(
+                conn,
+                [
+                    {"type": t, "id": i, "version": v, "last_updated": us, "body": b}
+                    for t, i, v, us, b, _, previous in prepared
+                    if previous is None
+                ],
+            )
+        )
+        written, index = [], []
+        for rtype, rid, version, us, body, rows, previous in prepared:
+            if previous is None:
+                row_id = next(new_rids)
+            else:
+                row_id = previous.rid
+                store.replace_current(conn, row_id, version, us, body)
+                store.clear_index(conn, row_id)
+            written.append(Stored(row_id, rtype, rid, version, us, False, body, method))
+            index.append((row_id, rtype, rows, self._patients(rtype, rid, rows)))
+        store.add_history(conn, written)
+        store.write_index(conn, index)
+        return written
 
     def create(
         self,
@@ -143,11 +155,30 @@ class Repository:
         rtype = rtype or (resource.get("resourceType") if isinstance(resource, dict) else None)
         if not isinstance(rtype, str):
             raise bad_request("The resource has no resourceType", "resourceType")
-        self.check_type(rtype)
-        self.validate(resource, rtype)
+        return self.create_many(ctx, [(rtype, resource, rid)], conn)[0]
+
+    def create_many(
+        self,
+        ctx: AccessContext,
+        items: list[tuple[str, Any, str | None]],
+        conn: Connection | None = None,
+    ) -> list[WriteResult]:
+        """Create (type, resource, id or None for a new one) items together, in one
+        transaction; a failing item raises with `FhirError.index` set to its position."""
+        for position, (rtype, resource, _rid) in enumerate(items):
+            try:
+                self.check_type(rtype)
+                self.validate(resource, rtype)
+            except FhirError as error:
+                error.index = position
+                raise
         with self.transaction(conn) as tx:
-            stored = self._write(tx, resource, rtype, rid or str(uuid.uuid4()), None, "POST")
-        return WriteResult(stored, True)
+            written = self._write(
+                tx,
+                [(res, rtype, rid or str(uuid.uuid4()), None) for rtype, res, rid in items],
+                "POST",
+            )
+        return [WriteResult(stored, True) for stored in written]
 
     def update(
         self,
@@ -176,7 +207,7 @@ class Repository:
                 raise precondition_failed(
                     f"Version {if_match} is not the current version of {rtype}/{rid} ({have})"
                 )
-            stored = self._write(tx, resource, rtype, rid, previous, method)
+            (stored,) = self._write(tx, [(resource, rtype, rid, previous)], method)
         return WriteResult(stored, previous is None or previous.deleted)
 
     def delete(
@@ -195,7 +226,7 @@ class Repository:
             )
             store.replace_current(tx, previous.rid, stored.version, us, None)
             store.clear_index(tx, previous.rid)
-            store.add_history(tx, stored)
+            store.add_history(tx, [stored])
             return stored
 
     # -- reads ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 
 import orjson
 
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.clock import instant, now_us
 from cityhealth.fhir.definitions import Definitions
 from cityhealth.fhir.history import HistoryPage
@@ -70,8 +71,8 @@ def searchset(
     def body(hit: Hit) -> bytes:
         if request.summary in (None, "false") and not request.elements:
             return hit.body.encode()
-        return orjson.dumps(
-            subset(definitions, orjson.loads(hit.body), request.summary, request.elements)
+        return jsonio.dumps(
+            subset(definitions, jsonio.loads(hit.body), request.summary, request.elements)
         )
 
     entries = [

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.bundles import BundleProcessor
 from cityhealth.fhir.capability import capability_statement
@@ -111,7 +112,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
         negotiate(request)
         body = await json_body(request)
         result = await run(bundles.process, context(request), body, base(request))
-        return fhir_response(orjson.dumps(result))
+        return fhir_response(jsonio.dumps(result))
 
     @router.get("/_history", summary="System history")
     async def system_history(request: Request) -> Response:

@@ -75,22 +75,15 @@ def version(conn: Connection, rtype: str, rid_id: str, vid: int) -> Stored | Non
     )
 
 
-def insert_new(
-    conn: Connection, rtype: str, rid_id: str, version_id: int, last_updated: int, body: str
-) -> int:
-    rid = conn.execute(
-        insert(resource)
-        .values(
-            type=rtype,
-            id=rid_id,
-            version=version_id,
-            last_updated=last_updated,
-            deleted=False,
-            body=body,
-        )
-        .returning(resource.c.rid)
-    ).scalar_one()
-    return int(rid)
+def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert current rows (type, id, version, last_updated, body); their rids, in order."""
+    if not rows:
+        return []
+    result = conn.execute(
+        insert(resource).returning(resource.c.rid, sort_by_parameter_order=True),
+        [{**row, "deleted": False} for row in rows],
+    )
+    return [int(rid) for rid in result.scalars()]
 
 
 def replace_current(
@@ -103,18 +96,24 @@ def replace_current(
     )
 
 
-def add_history(conn: Connection, stored: Stored) -> None:
+def add_history(conn: Connection, versions: list[Stored]) -> None:
+    if not versions:
+        return
     conn.execute(
-        insert(resource_history).values(
-            rid=stored.rid,
-            version=stored.version,
-            type=stored.type,
-            id=stored.id,
-            last_updated=stored.last_updated,
-            method=stored.method,
-            deleted=stored.deleted,
-            body=stored.body,
-        )
+        insert(resource_history),
+        [
+            {
+                "rid": v.rid,
+                "version": v.version,
+                "type": v.type,
+                "id": v.id,
+                "last_updated": v.last_updated,
+                "method": v.method,
+                "deleted": v.deleted,
+                "body": v.body,
+            }
+            for v in versions
+        ],
     )
 
 
@@ -124,17 +123,18 @@ def clear_index(conn: Connection, rid: int) -> None:
     conn.execute(delete(compartment).where(compartment.c.rid == rid))
 
 
-def write_index(
-    conn: Connection, rid: int, rtype: str, rows: IndexRows, patients: set[str]
-) -> None:
+def write_index(conn: Connection, entries: list[tuple[int, str, IndexRows, set[str]]]) -> None:
+    """Index rows and compartment membership of (rid, type, rows, patient ids) entries, one
+    statement per table for the whole batch."""
     for kind, table in INDEX_TABLES.items():
-        values: list[tuple[Any, ...]] = getattr(rows, kind)
-        if not values:
-            continue
         names = ("param", *_INDEX_COLUMNS[kind])
-        conn.execute(
-            insert(table),
-            [{"rid": rid, "rtype": rtype, **dict(zip(names, v, strict=True))} for v in values],
-        )
-    if patients:
-        conn.execute(insert(compartment), [{"rid": rid, "patient_id": p} for p in patients])
+        batch = [
+            {"rid": rid, "rtype": rtype, **dict(zip(names, v, strict=True))}
+            for rid, rtype, rows, _ in entries
+            for v in getattr(rows, kind)
+        ]
+        if batch:
+            conn.execute(insert(table), batch)
+    members = [{"rid": rid, "patient_id": p} for rid, _, _, patients in entries for p in patients]
+    if members:
+        conn.execute(insert(compartment), members)

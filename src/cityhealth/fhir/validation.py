@@ -16,6 +16,7 @@ from typing import Any
 
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.definitions import Definitions
+from cityhealth.fhir.jsonio import DecimalText
 from cityhealth.fhir.validation_specs import Child, Coded, Kind, Node, Primitive, SpecCompiler
 
 #: Stands for a property that is not in the object (None is a JSON null).
@@ -208,7 +209,7 @@ class Validator:
 
     @staticmethod
     def _value(value: Any, child: Child, spec: Primitive, here: str, issues: _Issues) -> None:
-        kind = type(value)
+        kind = float if type(value) is DecimalText else type(value)
         if kind not in spec.json_types:
             expected = (
                 "whole number" if spec.json_types == (int,) else _JSON_NAMES[spec.json_types[0]]
