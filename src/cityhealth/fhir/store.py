@@ -6,10 +6,11 @@ inside the caller's transaction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy import Connection, Table, and_, delete, insert, select, text, update
 
 from cityhealth.fhir.clock import instant
 from cityhealth.fhir.indexing import IndexRows
@@ -75,10 +76,48 @@ def version(conn: Connection, rtype: str, rid_id: str, vid: int) -> Stored | Non
     )
 
 
+#: From this many rows on, PostgreSQL gets them through COPY rather than INSERT.
+COPY_THRESHOLD = 50
+
+
+def _copy(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[tuple[Any, ...]]
+) -> None:
+    """Bulk-load rows with PostgreSQL's COPY, inside the caller's transaction."""
+    dbapi: Any = conn.connection.dbapi_connection  # a psycopg connection on PostgreSQL
+    statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+    with dbapi.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _bulk(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
+        _copy(conn, table, columns, rows)
+    else:
+        conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Insert current rows (type, id, version, last_updated, body); their rids, in order."""
     if not rows:
         return []
+    if conn.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
+        # Take the ids from the sequence first, so that the rows can go through COPY.
+        rids = list(
+            conn.execute(
+                text("SELECT nextval('resource_rid_seq') FROM generate_series(1, :n)"),
+                {"n": len(rows)},
+            ).scalars()
+        )
+        columns = ("rid", "deleted", *rows[0])
+        values = [(rid, False, *row.values()) for rid, row in zip(rids, rows, strict=True)]
+        _bulk(conn, resource, columns, values)
+        return [int(rid) for rid in rids]
     result = conn.execute(
         insert(resource).returning(resource.c.rid, sort_by_parameter_order=True),
         [{**row, "deleted": False} for row in rows],
@@ -96,25 +135,15 @@ def replace_current(
     )
 
 
+_HISTORY_COLUMNS = ("rid", "version", "type", "id", "last_updated", "method", "deleted", "body")
+
+
 def add_history(conn: Connection, versions: list[Stored]) -> None:
-    if not versions:
-        return
-    conn.execute(
-        insert(resource_history),
-        [
-            {
-                "rid": v.rid,
-                "version": v.version,
-                "type": v.type,
-                "id": v.id,
-                "last_updated": v.last_updated,
-                "method": v.method,
-                "deleted": v.deleted,
-                "body": v.body,
-            }
-            for v in versions
-        ],
-    )
+    rows = [
+        (v.rid, v.version, v.type, v.id, v.last_updated, v.method, v.deleted, v.body)
+        for v in versions
+    ]
+    _bulk(conn, resource_history, _HISTORY_COLUMNS, rows)
 
 
 def clear_index(conn: Connection, rid: int) -> None:
@@ -127,14 +156,7 @@ def write_index(conn: Connection, entries: list[tuple[int, str, IndexRows, set[s
     """Index rows and compartment membership of (rid, type, rows, patient ids) entries, one
     statement per table for the whole batch."""
     for kind, table in INDEX_TABLES.items():
-        names = ("param", *_INDEX_COLUMNS[kind])
-        batch = [
-            {"rid": rid, "rtype": rtype, **dict(zip(names, v, strict=True))}
-            for rid, rtype, rows, _ in entries
-            for v in getattr(rows, kind)
-        ]
-        if batch:
-            conn.execute(insert(table), batch)
-    members = [{"rid": rid, "patient_id": p} for rid, _, _, patients in entries for p in patients]
-    if members:
-        conn.execute(insert(compartment), members)
+        batch = [(rid, rtype, *v) for rid, rtype, rows, _ in entries for v in getattr(rows, kind)]
+        _bulk(conn, table, ("rid", "rtype", "param", *_INDEX_COLUMNS[kind]), batch)
+    members = [(rid, p) for rid, _, _, patients in entries for p in patients]
+    _bulk(conn, compartment, ("rid", "patient_id"), members)
