@@ -72,6 +72,8 @@ class FhirEngine:
 
     def find(self, conn: Connection, rtype: str, query: str) -> list[Hit]:
         """Resources matching conditional criteria (at most two: enough to tell 0, 1, many)."""
+        if query.startswith(f"{rtype}?"):  # some clients repeat the type
+            query = query[len(rtype) + 1 :]
         params = [(k, v) for k, v in query_pairs(query) if not k.startswith("_format")]
         if not params:
             raise bad_request(f"Conditional criteria for {rtype} are empty")

@@ -149,7 +149,11 @@ class Searcher:
         r = resource.alias("r")
         where = self.where(r, request, builder)
         result = SearchResult(request)
-        if request.total in ("accurate", "estimate") or request.summary == "count":
+        if (
+            request.total in ("accurate", "estimate")
+            or request.summary == "count"
+            or not request.count
+        ):
             result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar()
         if request.summary == "count" or request.count == 0:
             return result

@@ -249,7 +249,8 @@ class ClauseBuilder:
         return prefix_range(t.c.value, folded)
 
     def _date_value(self, low: Any, high: Any, value: str) -> ColumnElement[bool]:
-        prefix, text = split_prefix(value)
+        # An unencoded '+' of a timezone offset arrives as a space.
+        prefix, text = split_prefix(value.replace(" ", "+"))
         try:
             s_low, s_high = date_range(text)
         except ValueError:
