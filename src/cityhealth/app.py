@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -15,17 +16,21 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from cityhealth import __version__
 from cityhealth.config import Settings, get_settings
 from cityhealth.db import Database
+from cityhealth.fhir.bulk_export import BulkExport, ExportSettings
 from cityhealth.fhir.definitions import get_definitions
 from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.errors import FhirError
+from cityhealth.fhir.export_api import build_export_router
 from cityhealth.fhir.http import outcome_response
 from cityhealth.fhir.rest import build_router
+from cityhealth.jobs import JobRunner
 
 log = logging.getLogger("cityhealth.http")
 REQUESTS = Counter("cityhealth_http_requests_total", "HTTP requests", ["method", "status"])
@@ -37,7 +42,19 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     settings = settings or get_settings()
     db = db or Database(settings.database_url)
     engine = FhirEngine(db, get_definitions(), settings)
+    exports = BulkExport(engine, ExportSettings.from_settings(settings))
+    runner = JobRunner.from_settings(db, [exports], settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runner.stop)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="CityHealth",
         version=__version__,
         description="The Internet + healthcare platform of a city, on one FHIR R4 engine.",
@@ -58,6 +75,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         )
 
     app.state.engine = engine
+    app.state.jobs = runner
+    # The bulk export routes go first: the FHIR router's /{type}/{id} would take their paths.
+    app.include_router(build_export_router(engine, runner, exports))
     app.include_router(build_router(engine))
 
     @app.exception_handler(FhirError)

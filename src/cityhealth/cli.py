@@ -8,6 +8,7 @@ import typer
 import uvicorn
 
 from cityhealth.config import get_settings
+from cityhealth.fhir.export_api import register as register_export
 from cityhealth.fhir.packages import PackageError, install
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(fhir_app, name="fhir")
+register_export(app)
 
 
 def _fail(message: str) -> None:

@@ -28,6 +28,16 @@ class Settings(BaseSettings):
     #: Most results an _include / _revinclude may add to one page.
     search_max_includes: int = 1000
     log_level: str = "info"
+    #: Hours a finished export (its job and files) is kept.
+    export_retention_hours: int = 24
+    #: Resources per NDJSON file; a larger type continues in Type.2.ndjson, …
+    export_max_resources_per_file: int = 500_000
+    #: Rows read per round trip while exporting.
+    export_batch_size: int = 1000
+    #: Seconds between two looks at the job table (a job submitted in this process starts at once).
+    jobs_poll_seconds: float = 2.0
+    #: A running job whose heartbeat is older than this was left by a dead process and is rerun.
+    jobs_stale_seconds: float = 300.0
 
 
 @lru_cache

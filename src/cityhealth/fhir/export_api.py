@@ -180,17 +180,18 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
             raise not_found(f"There is no export {job_id}")
         return found
 
-    @router.api_route("/$export", methods=["GET", "POST"], summary="Export all data")
+    @router.get("/$export", summary="Export all data")
+    @router.post("/$export", summary="Export all data")
     async def system_export(request: Request) -> Response:
         return await kick_off(request, SYSTEM_LEVEL)
 
-    @router.api_route("/Patient/$export", methods=["GET", "POST"], summary="Export patients' data")
+    @router.get("/Patient/$export", summary="Export patients' data")
+    @router.post("/Patient/$export", summary="Export patients' data")
     async def patient_export(request: Request) -> Response:
         return await kick_off(request, PATIENT_LEVEL)
 
-    @router.api_route(
-        "/Group/{group_id}/$export", methods=["GET", "POST"], summary="Export a group's data"
-    )
+    @router.get("/Group/{group_id}/$export", summary="Export a group's data")
+    @router.post("/Group/{group_id}/$export", summary="Export a group's data")
     async def group_export(request: Request, group_id: str) -> Response:
         return await kick_off(request, GROUP_LEVEL, group_id)
 
@@ -284,7 +285,7 @@ def register(app: typer.Typer) -> None:
         manifest = output.manifest(lambda name: (out / name).resolve().as_uri())
         (out / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         for rtype, count, files in _per_type(output):
-            typer.echo(f"{rtype}: {count} resources in {files} file{'s' if files > 1 else ''}")
+            typer.echo(f"{rtype}: {_count(count, 'resource')} in {_count(files, 'file')}")
         typer.echo(f"manifest: {out / 'manifest.json'}")
 
 
@@ -294,6 +295,10 @@ def _per_type(output: ExportOutput) -> list[tuple[str, int, int]]:
         count, files = totals.get(f.type, (0, 0))
         totals[f.type] = (count + f.count, files + 1)
     return [(rtype, count, files) for rtype, (count, files) in totals.items()]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fail(message: str) -> NoReturn:

@@ -286,6 +286,11 @@ class JobRunner:
             kind.discard(claimed.id)
             outcome: dict[str, Any] = {"status": FAILED, "error": str(error)}
         except Exception:
+            reason = self._why_lost(claimed.id)
+            if reason == "cancelled":
+                # Its output was removed under it (a cancel between two heartbeats).
+                self._stopped(kind, context, reason)
+                return
             log.exception("job %s (%s) failed", claimed.id, claimed.kind)
             kind.discard(claimed.id)
             outcome = {"status": FAILED, "error": f"The {claimed.kind} job failed; it was logged"}
@@ -343,6 +348,9 @@ class JobRunner:
         self._stop.set()
         self._wake.set()
         thread.join(timeout)
+        if not thread.is_alive():
+            # Stopped for good: the runner may be started again, or driven by run_pending().
+            self._stop.clear()
 
     def wake(self) -> None:
         self._wake.set()

@@ -1,0 +1,263 @@
+"""One unit of `cityhealth import`: a Bundle file or an NDJSON chunk, stored in one database
+transaction together with its journal row, or not at all.
+
+A transaction Bundle is all or nothing. A batch Bundle and an NDJSON chunk keep what is valid
+and report the rest (entry or line, status, diagnostics). NDJSON resources keep their ids
+(update, creating on first sight) so that an export re-imports with its references intact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, and_, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from cityhealth.fhir import import_journal as journal
+from cityhealth.fhir.access import SYSTEM
+from cityhealth.fhir.bundles import BundleProcessor
+from cityhealth.fhir.engine import FhirEngine
+from cityhealth.fhir.errors import FhirError
+from cityhealth.fhir.import_sources import Chunk, checksum, read_bytes
+from cityhealth.fhir.repository import ID_PATTERN
+from cityhealth.fhir.schema import resource as resource_table
+
+#: Bundles may GET or search; their answers are discarded, so any base serves.
+_IMPORT_BASE = "urn:cityhealth:import"
+_ENTRY_PREFIX = re.compile(r"^(Bundle\.entry\[\d+\]): (.*)$", re.DOTALL)
+_READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+@dataclass(frozen=True)
+class BundleTask:
+    path: str
+    walked: bool  # found in a directory: a JSON file that is not FHIR is passed over
+
+
+@dataclass
+class UnitResult:
+    path: str
+    resources: int = 0
+    bundles: int = 0
+    chunks: int = 0
+    skipped: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped_lines: tuple[int, int] | None = None
+
+    def fail(self, where: str, status: int, diagnostics: str) -> UnitResult:
+        self.failures.append({"where": where, "status": status, "diagnostics": diagnostics})
+        return self
+
+
+def run_unit(engine: FhirEngine, task: BundleTask | Chunk, force: bool) -> UnitResult:
+    """Import one unit; every problem becomes a reported failure, never an exception."""
+    try:
+        if isinstance(task, Chunk):
+            return import_chunk(engine, task, force)
+        return import_bundle(engine, task, force)
+    except SQLAlchemyError as error:
+        return UnitResult(task.path).fail(task.path, 500, f"database error: {_first_line(error)}")
+    except Exception as error:
+        # One malformed file must not end an import of thousands; it is reported instead.
+        return UnitResult(task.path).fail(
+            task.path, 500, f"internal error: {type(error).__name__}: {_first_line(error)}"
+        )
+
+
+# -- Bundle files -----------------------------------------------------------------------------
+def import_bundle(engine: FhirEngine, task: BundleTask, force: bool) -> UnitResult:
+    result = UnitResult(task.path)
+    try:
+        data = read_bytes(Path(task.path))
+    except _READ_ERRORS as error:
+        return result.fail(task.path, 400, f"cannot read the file: {error}")
+    digest = checksum(data)
+    if not force and _done(engine, digest):
+        result.skipped = 1
+        result.notes.append("already imported")
+        return result
+    try:
+        bundle = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        return result.fail(task.path, 400, f"not valid JSON: {error}")
+    if not isinstance(bundle, dict) or "resourceType" not in bundle:
+        if task.walked:
+            result.notes.append("not a FHIR resource: ignored")
+            return result
+        return result.fail(task.path, 400, "not a FHIR resource (no resourceType)")
+    if bundle["resourceType"] != "Bundle":
+        return result.fail(task.path, 400, f"a {bundle['resourceType']}, not a Bundle")
+    try:
+        with engine.db.write() as conn:
+            journal.claim(conn, digest, Path(task.path).name, force)
+            response = BundleProcessor(engine).process(SYSTEM, bundle, _IMPORT_BASE, conn)
+            result.resources = _entry_outcomes(response, task.path, result)
+            journal.finish(conn, digest, result.resources)
+    except journal.AlreadyImported:
+        result.skipped = 1
+        result.notes.append("already imported")
+        return result
+    except FhirError as error:
+        result.resources = 0
+        result.failures.clear()
+        where, diagnostics = task.path, error.diagnostics
+        match = _ENTRY_PREFIX.match(diagnostics)
+        if match:
+            where, diagnostics = f"{task.path} {match.group(1)}", match.group(2)
+        return result.fail(where, error.status, diagnostics)
+    result.bundles = 1
+    return result
+
+
+def _entry_outcomes(response: dict[str, Any], path: str, result: UnitResult) -> int:
+    """Entries stored (created, updated or matched by a conditional create); batch entries
+    that failed are added to the result's failures."""
+    stored = 0
+    for index, entry in enumerate(response["entry"]):
+        answer = entry.get("response", {})
+        status = int(str(answer.get("status", "500")).split()[0])
+        if status >= 400:
+            issues = answer.get("outcome", {}).get("issue", [])
+            diagnostics = "; ".join(i.get("diagnostics", i.get("code", "")) for i in issues)
+            result.fail(f"{path} Bundle.entry[{index}]", status, diagnostics)
+        elif "location" in answer:
+            stored += 1
+    return stored
+
+
+# -- NDJSON chunks ----------------------------------------------------------------------------
+@dataclass
+class _Line:
+    number: int
+    rtype: str
+    resource: dict[str, Any]
+    rid: str | None
+
+
+def import_chunk(engine: FhirEngine, chunk: Chunk, force: bool) -> UnitResult:
+    result = UnitResult(chunk.path)
+    digest = chunk.checksum()
+    if not force and _done(engine, digest):
+        result.skipped = 1
+        result.skipped_lines = (chunk.first_line, chunk.last_line)
+        return result
+    lines = _parse(chunk, result)
+    try:
+        with engine.db.write() as conn:
+            journal.claim(conn, digest, chunk.source, force)
+            result.resources = _store(engine, conn, lines, chunk.path, result)
+            journal.finish(conn, digest, result.resources)
+    except journal.AlreadyImported:
+        result = UnitResult(chunk.path, skipped=1)
+        result.skipped_lines = (chunk.first_line, chunk.last_line)
+        return result
+    result.chunks = 1
+    return result
+
+
+def _parse(chunk: Chunk, result: UnitResult) -> list[_Line]:
+    parsed = []
+    for number, raw in chunk.numbered():
+        if not raw.strip():
+            continue
+        where = f"{chunk.path} line {number}"
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            result.fail(where, 400, f"not valid JSON: {error}")
+            continue
+        rtype = value.get("resourceType") if isinstance(value, dict) else None
+        if not isinstance(rtype, str):
+            result.fail(where, 400, "not a FHIR resource (no resourceType)")
+            continue
+        rid = value.get("id")
+        if rid is not None and not (isinstance(rid, str) and ID_PATTERN.match(rid)):
+            result.fail(where, 400, f"'{rid}' is not a valid resource id")
+            continue
+        parsed.append(_Line(number, rtype, value, rid))
+    return parsed
+
+
+def _store(
+    engine: FhirEngine, conn: Connection, lines: list[_Line], path: str, result: UnitResult
+) -> int:
+    """Create what is new in one batch, then update what exists (or repeats), in line order."""
+    known = _existing(conn, [(line.rtype, line.rid) for line in lines if line.rid is not None])
+    creates, updates = [], []
+    for line in lines:
+        if line.rid is None:
+            creates.append(line)
+        elif (line.rtype, line.rid) in known:
+            updates.append((line, line.rid))
+        else:
+            known.add((line.rtype, line.rid))
+            creates.append(line)
+    stored = _create(engine, conn, creates, path, result)
+    for line, rid in updates:
+        try:
+            engine.repository.update(SYSTEM, line.rtype, rid, line.resource, conn=conn)
+        except FhirError as error:
+            result.fail(f"{path} line {line.number}", error.status, error.diagnostics)
+        else:
+            stored += 1
+    return stored
+
+
+def _create(
+    engine: FhirEngine, conn: Connection, lines: list[_Line], path: str, result: UnitResult
+) -> int:
+    """`create_many` validates before it writes and names the first invalid item; only then
+    are the remaining items validated one by one, so a clean chunk is validated once."""
+    repository = engine.repository
+    while lines:
+        try:
+            repository.create_many(SYSTEM, [(x.rtype, x.resource, x.rid) for x in lines], conn)
+        except FhirError as error:
+            if error.index is None:
+                raise
+            bad = lines[error.index]
+            result.fail(f"{path} line {bad.number}", error.status, error.diagnostics)
+            valid = lines[: error.index]
+            for line in lines[error.index + 1 :]:
+                try:
+                    repository.check_type(line.rtype)
+                    repository.validate(line.resource, line.rtype)
+                except FhirError as invalid:
+                    result.fail(f"{path} line {line.number}", invalid.status, invalid.diagnostics)
+                else:
+                    valid.append(line)
+            lines = valid
+        else:
+            return len(lines)
+    return 0
+
+
+def _existing(conn: Connection, keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which (type, id) pairs have a row, deleted or not: one query per resource type."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in keys:
+        by_type.setdefault(rtype, []).append(rid)
+    found: set[tuple[str, str]] = set()
+    r = resource_table
+    for rtype, ids in by_type.items():
+        query = select(r.c.id).where(and_(r.c.type == rtype, r.c.id.in_(ids)))
+        found.update((rtype, rid) for rid in conn.scalars(query))
+    return found
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _done(engine: FhirEngine, digest: str) -> bool:
+    with engine.db.read() as conn:
+        return journal.is_done(conn, digest)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
