@@ -251,11 +251,14 @@ def test_bad_number_quantity_and_reference_values_are_400(
 
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
-    "query",
-    ["code-value-quantity=http://loinc.org|1234-5$5.4", "combo-code-value-quantity=x$1"],
+    ("rtype", "query"),
+    [
+        ("Observation", "code-value-quantity=http://loinc.org|1234-5"),  # no $value part
+        ("MolecularSequence", "chromosome-window-coordinate=1$lt44"),  # shape not supported
+    ],
 )
-def test_composite_parameters_are_refused(client: TestClient, query: str) -> None:
-    assert_outcome(client.get(f"/fhir/Observation?{query}"), 400)
+def test_bad_or_unsupported_composites_are_400(client: TestClient, rtype: str, query: str) -> None:
+    assert_outcome(client.get(f"/fhir/{rtype}?{query}"), 400)
 
 
 @pytest.mark.usefixtures("unchanged")

@@ -170,7 +170,8 @@ def run_import(
                 if progress is not None:
                     progress(unit.resources)
 
-            _run_all(submit, _tasks(group), 2 * workers, finished)
+            # In flight: one unit inline (reported as soon as it commits), two per process.
+            _run_all(submit, _tasks(group), 1 if workers == 1 else 2 * workers, finished)
     for report in reports:
         report.close()
     total = sum(r.resources for r in reports)

@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from cityhealth import __version__
+from cityhealth.fhir.composites import composite_for
 from cityhealth.fhir.definitions import FHIR_VERSION, Definitions
 from cityhealth.fhir.search_parse import REFUSED, SUPPORTED_TYPES
 
@@ -25,7 +26,12 @@ TYPE_INTERACTIONS = (
 def _resource_entry(definitions: Definitions, rtype: str) -> dict[str, Any]:
     params = definitions.params_for(rtype)
     supported = sorted(
-        (p for p in params.values() if p.type in SUPPORTED_TYPES and p.expression),
+        (
+            p
+            for p in params.values()
+            if p.expression
+            and (p.type in SUPPORTED_TYPES or composite_for(definitions, p) is not None)
+        ),
         key=lambda p: p.code,
     )
     special = [
@@ -108,7 +114,8 @@ def capability_statement(definitions: Definitions, base: str) -> dict[str, Any]:
                 "mode": "server",
                 "documentation": "Refused search parameters: "
                 + "; ".join(f"{k}: {v}" for k, v in REFUSED.items())
-                + "; composite and special parameters are not supported.",
+                + "; special parameters and composites other than token$value pairs are not"
+                " supported.",
                 "resource": resources,
                 "interaction": [
                     {"code": "transaction"},

@@ -133,6 +133,10 @@ def _entry_outcomes(response: dict[str, Any], path: str, result: UnitResult) -> 
 
 
 # -- NDJSON chunks ----------------------------------------------------------------------------
+#: (line number, status, diagnostics) of a line that was not stored.
+_Problem = tuple[int, int, str]
+
+
 @dataclass
 class _Line:
     number: int
@@ -148,45 +152,47 @@ def import_chunk(engine: FhirEngine, chunk: Chunk, force: bool) -> UnitResult:
         result.skipped = 1
         result.skipped_lines = (chunk.first_line, chunk.last_line)
         return result
-    lines = _parse(chunk, result)
+    problems: list[_Problem] = []
+    lines = _parse(chunk, problems)
     try:
         with engine.db.write() as conn:
             journal.claim(conn, digest, chunk.source, force)
-            result.resources = _store(engine, conn, lines, chunk.path, result)
+            result.resources = _store(engine, conn, lines, problems)
             journal.finish(conn, digest, result.resources)
     except journal.AlreadyImported:
-        result = UnitResult(chunk.path, skipped=1)
+        result.skipped = 1
         result.skipped_lines = (chunk.first_line, chunk.last_line)
         return result
+    for number, status, diagnostics in sorted(problems):
+        result.fail(f"{chunk.path} line {number}", status, diagnostics)
     result.chunks = 1
     return result
 
 
-def _parse(chunk: Chunk, result: UnitResult) -> list[_Line]:
+def _parse(chunk: Chunk, problems: list[_Problem]) -> list[_Line]:
     parsed = []
     for number, raw in chunk.numbered():
         if not raw.strip():
             continue
-        where = f"{chunk.path} line {number}"
         try:
             value = orjson.loads(raw)
         except orjson.JSONDecodeError as error:
-            result.fail(where, 400, f"not valid JSON: {error}")
+            problems.append((number, 400, f"not valid JSON: {error}"))
             continue
         rtype = value.get("resourceType") if isinstance(value, dict) else None
         if not isinstance(rtype, str):
-            result.fail(where, 400, "not a FHIR resource (no resourceType)")
+            problems.append((number, 400, "not a FHIR resource (no resourceType)"))
             continue
         rid = value.get("id")
         if rid is not None and not (isinstance(rid, str) and ID_PATTERN.match(rid)):
-            result.fail(where, 400, f"'{rid}' is not a valid resource id")
+            problems.append((number, 400, f"'{rid}' is not a valid resource id"))
             continue
         parsed.append(_Line(number, rtype, value, rid))
     return parsed
 
 
 def _store(
-    engine: FhirEngine, conn: Connection, lines: list[_Line], path: str, result: UnitResult
+    engine: FhirEngine, conn: Connection, lines: list[_Line], problems: list[_Problem]
 ) -> int:
     """Create what is new in one batch, then update what exists (or repeats), in line order."""
     known = _existing(conn, [(line.rtype, line.rid) for line in lines if line.rid is not None])
@@ -199,19 +205,19 @@ def _store(
         else:
             known.add((line.rtype, line.rid))
             creates.append(line)
-    stored = _create(engine, conn, creates, path, result)
+    stored = _create(engine, conn, creates, problems)
     for line, rid in updates:
         try:
             engine.repository.update(SYSTEM, line.rtype, rid, line.resource, conn=conn)
         except FhirError as error:
-            result.fail(f"{path} line {line.number}", error.status, error.diagnostics)
+            problems.append((line.number, error.status, error.diagnostics))
         else:
             stored += 1
     return stored
 
 
 def _create(
-    engine: FhirEngine, conn: Connection, lines: list[_Line], path: str, result: UnitResult
+    engine: FhirEngine, conn: Connection, lines: list[_Line], problems: list[_Problem]
 ) -> int:
     """`create_many` validates before it writes and names the first invalid item; only then
     are the remaining items validated one by one, so a clean chunk is validated once."""
@@ -223,14 +229,14 @@ def _create(
             if error.index is None:
                 raise
             bad = lines[error.index]
-            result.fail(f"{path} line {bad.number}", error.status, error.diagnostics)
+            problems.append((bad.number, error.status, error.diagnostics))
             valid = lines[: error.index]
             for line in lines[error.index + 1 :]:
                 try:
                     repository.check_type(line.rtype)
                     repository.validate(line.resource, line.rtype)
                 except FhirError as invalid:
-                    result.fail(f"{path} line {line.number}", invalid.status, invalid.diagnostics)
+                    problems.append((line.number, invalid.status, invalid.diagnostics))
                 else:
                     valid.append(line)
             lines = valid

@@ -37,6 +37,8 @@ class IndexRows:
     reference: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)
     #: (param code, value)
     uri: list[tuple[str, str]] = field(default_factory=list)
+    #: composite parameters: see `composites.CompositeRow`
+    composite: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 #: Turns one node into rows.

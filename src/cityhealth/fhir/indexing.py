@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cityhealth.fhir import fhirpath
+from cityhealth.fhir.composites import Composite, composite_for, composite_rows
 from cityhealth.fhir.definitions import Definitions, SearchParam
 from cityhealth.fhir.index_paths import (
     Branch,
@@ -62,8 +63,14 @@ class Indexer:
         #: (resource type, parameter code, expression) evaluated with FHIRPath instead.
         self.fallbacks: list[tuple[str, str, str]] = []
         self._plans: dict[str, _Plan] = {}
+        self._composites: dict[str, list[Composite]] = {}
         for resource_type in sorted(definitions.resource_types):
             plan = _Plan()
+            self._composites[resource_type] = [
+                c
+                for p in definitions.params_for(resource_type).values()
+                if (c := composite_for(definitions, p)) is not None
+            ]
             for param in definitions.params_for(resource_type).values():
                 if param.type in INDEXED_TYPES and param.code not in NOT_INDEXED:
                     expression = _expression_of(param, definitions)
@@ -85,6 +92,8 @@ class Indexer:
                     emit(value, rows)
         for emit_all in plan.always:
             emit_all(resource, rows)
+        for composite in self._composites[resource["resourceType"]]:
+            rows.composite.extend(composite_rows(composite, resource))
         _dedupe(rows)
         return rows
 

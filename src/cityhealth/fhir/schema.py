@@ -113,6 +113,20 @@ idx_reference = _index_table(
     lookup=("target_id", "target_type"),
 )
 Index("ix_idx_reference_target", idx_reference.c.target_type, idx_reference.c.target_id)
+idx_composite = _index_table(
+    "idx_composite",
+    Column("system", Text()),
+    Column("code", Text()),
+    Column("v_system", Text()),
+    Column("v_code", Text()),
+    Column("v_value", Float),
+    Column("v_low", Float),
+    Column("v_high", Float),
+    Column("v_date_low", BigInteger),
+    Column("v_date_high", BigInteger),
+    Column("v_text", Folded),
+    lookup=("code", "system"),
+)
 idx_uri = _index_table(
     "idx_uri",
     Column("value", Folded, nullable=False),
@@ -135,6 +149,7 @@ INDEX_TABLES = {
     "quantity": idx_quantity,
     "reference": idx_reference,
     "uri": idx_uri,
+    "composite": idx_composite,
 }
 
 #: What `cityhealth import` has finished: one row per bundle or NDJSON chunk, by checksum, so

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cityhealth.fhir.composites import composite_for
 from cityhealth.fhir.definitions import Definitions, SearchParam
 from cityhealth.fhir.errors import bad_request, not_supported
 
@@ -261,6 +262,12 @@ class QueryParser:
         param = self.param(rtype, code)
         if param is None:
             raise bad_request(f"Unknown search parameter '{code}' for {rtype}")
+        if param.type == "composite":
+            if composite_for(self.definitions, param) is None or dot:
+                raise not_supported(f"Composite parameter '{code}' is not supported")
+            if modifier and modifier != "missing":
+                raise bad_request(f"Modifier ':{modifier}' is not valid on '{code}' (composite)")
+            return
         if param.type not in SUPPORTED_TYPES:
             raise not_supported(f"Search parameter '{code}' ({param.type}) is not supported")
         if param.expression is None:

@@ -11,11 +11,13 @@ import re
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import ColumnElement, FromClause, and_, exists, false, literal, not_, or_, select
 
 from cityhealth.fhir.chinese import fold
+from cityhealth.fhir.composites import composite_for
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.definitions import SearchParam
 from cityhealth.fhir.errors import bad_request
@@ -27,6 +29,11 @@ from cityhealth.fhir.search_parse import QueryParser
 MAX_CHAR = chr(0x10FFFF)
 _PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?(.*)$", re.DOTALL)
 _ABSOLUTE_REF = re.compile(r"^(https?://.+)/([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
+
+
+def _renamed(**columns: Any) -> Any:
+    """A stand-in table whose columns carry the names the value conditions expect."""
+    return SimpleNamespace(c=SimpleNamespace(**columns))
 
 
 def split_pipe(value: str) -> list[str]:
@@ -141,6 +148,7 @@ class ClauseBuilder:
             "quantity": lambda t, v, m, p: self._quantity(t, v),
             "reference": self._reference,
             "uri": lambda t, v, m, p: self._uri(t, v, m),
+            "composite": self._composite,
         }
 
     def _in_index(
@@ -324,6 +332,29 @@ class ClauseBuilder:
         if type_filter:
             return and_(t.c.target_type == type_filter, t.c.target_id == text)
         return t.c.target_id == text
+
+    def _composite(
+        self, t: FromClause, value: str, modifier: str, param: SearchParam
+    ) -> ColumnElement[bool]:
+        """`token$value`: both parts must match on the same element (one idx_composite row)."""
+        composite = composite_for(self.definitions, param)
+        assert composite is not None  # checked by the parser
+        first, dollar, second = value.partition("$")
+        if not dollar or not first or not second:
+            raise bad_request(f"'{value}' is not a composite value: expected token$value")
+        c = t.c
+        token = self._token(_renamed(system=c.system, code=c.code), first)
+        kind = composite.second_type
+        if kind == "token":
+            other = self._token(_renamed(system=c.v_system, code=c.v_code), second)
+        elif kind == "quantity":
+            columns = _renamed(value=c.v_value, system=c.v_system, code=c.v_code, unit=c.v_text)
+            other = self._quantity(columns, second)
+        elif kind == "date":
+            other = self._date_value(c.v_date_low, c.v_date_high, second)
+        else:
+            other = prefix_range(c.v_text, fold(unescape(second)))
+        return and_(token, other)
 
     def _uri(self, t: FromClause, value: str, modifier: str) -> ColumnElement[bool]:
         text = unescape(value)

@@ -29,6 +29,18 @@ _INDEX_COLUMNS = {
     "quantity": ("system", "code", "unit", "value", "low", "high"),
     "reference": ("target_type", "target_id", "url"),
     "uri": ("value",),
+    "composite": (
+        "system",
+        "code",
+        "v_system",
+        "v_code",
+        "v_value",
+        "v_low",
+        "v_high",
+        "v_date_low",
+        "v_date_high",
+        "v_text",
+    ),
 }
 
 
