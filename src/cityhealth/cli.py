@@ -8,6 +8,7 @@ import typer
 import uvicorn
 
 from cityhealth.config import get_settings
+from cityhealth.fhir.bulk_import import register as register_import
 from cityhealth.fhir.export_api import register as register_export
 from cityhealth.fhir.packages import PackageError, install
 
@@ -19,6 +20,7 @@ fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(fhir_app, name="fhir")
 register_export(app)
+register_import(app)
 
 
 def _fail(message: str) -> None:

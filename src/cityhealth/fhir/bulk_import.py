@@ -33,10 +33,11 @@ from sqlalchemy import text
 
 from cityhealth.config import Settings, get_settings
 from cityhealth.db import Database
-from cityhealth.fhir.definitions import get_definitions
+from cityhealth.fhir.definitions import Definitions, get_definitions
 from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.import_sources import NDJSON, Chunk, SourceFile, chunks, expand
-from cityhealth.fhir.import_units import BundleTask, UnitResult, run_unit
+from cityhealth.fhir.import_units import BundleTask, UnitResult, one_line, run_unit
+from cityhealth.fhir.packages import PackageError
 from cityhealth.fhir.schema import INDEX_TABLES, compartment, resource, resource_history
 
 Progress = Callable[[int], None]
@@ -230,7 +231,7 @@ class _UnitRunner:
             # A fresh interpreter per worker: forking would copy open connections and threads.
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(url, self.engine.settings),
+            initargs=(url, self.engine.definitions, self.engine.settings),
         )
         pool = self.pool
         return lambda task: pool.submit(_run_in_worker, task, self.force)
@@ -248,8 +249,8 @@ class _UnitRunner:
 _worker_engines: list[FhirEngine] = []
 
 
-def _start_worker(url: str, settings: Settings) -> None:
-    _worker_engines.append(FhirEngine(Database(url, pool_size=1), get_definitions(), settings))
+def _start_worker(url: str, definitions: Definitions, settings: Settings) -> None:
+    _worker_engines.append(FhirEngine(Database(url, pool_size=1), definitions, settings))
 
 
 def _run_in_worker(task: Task, force: bool) -> UnitResult:
@@ -259,10 +260,9 @@ def _run_in_worker(task: Task, force: bool) -> UnitResult:
 def _refresh_statistics(db: Database) -> None:
     """Fresh planner statistics after a bulk load, so searches stay index-bound."""
     with db.write() as conn:
-        if db.is_postgres:
-            conn.execute(text(f"ANALYZE {', '.join(_STATISTICS_TABLES)}"))
-        else:
-            conn.execute(text("PRAGMA optimize"))
+        conn.execute(
+            text(f"ANALYZE {', '.join(_STATISTICS_TABLES)}" if db.is_postgres else "ANALYZE")
+        )
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -282,13 +282,13 @@ def import_command(
         None,
         "--workers",
         min=1,
-        help="Parallel processes on PostgreSQL [default: CPUs]; SQLite always uses 1.",
+        help="Parallel processes on PostgreSQL (default: one per CPU); SQLite always uses 1.",
     ),
     report: Path | None = typer.Option(None, "--report", help="Write the report as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Import FHIR Bundles and NDJSON; what a previous run finished is skipped."""
-    from cityhealth.fhir.packages import PackageError
+    # Imported here: pool workers load this module and need no migrations.
     from cityhealth.migrate import upgrade
 
     settings = get_settings()
@@ -298,7 +298,7 @@ def import_command(
     except PackageError as error:
         _fail(str(error))
     except Exception as error:  # one clear line instead of a traceback
-        _fail(f"cannot prepare the database: {error}")
+        _fail(f"cannot prepare the database: {one_line(error)}")
     db = Database(settings.database_url)
     engine = FhirEngine(db, definitions, settings)
     console = Console(stderr=True)
@@ -314,12 +314,15 @@ def import_command(
     except KeyboardInterrupt:
         _fail("interrupted; what was committed is journaled: run the same command to resume", 130)
     except Exception as error:  # e.g. the database went away: one line, not a traceback
-        _fail(f"import stopped: {type(error).__name__}: {error}")
+        _fail(f"import stopped: {type(error).__name__}: {one_line(error)}")
     finally:
         db.dispose()
     _print_report(result)
     if report is not None:
-        report.write_bytes(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2))
+        try:
+            report.write_bytes(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2))
+        except OSError as error:
+            _fail(f"cannot write the report: {error}")
     if result.failures:
         raise typer.Exit(1)
 

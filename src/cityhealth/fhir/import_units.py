@@ -20,6 +20,7 @@ from sqlalchemy import Connection, and_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cityhealth.fhir import import_journal as journal
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.bundles import BundleProcessor
 from cityhealth.fhir.engine import FhirEngine
@@ -51,6 +52,13 @@ class UnitResult:
     notes: list[str] = field(default_factory=list)
     skipped_lines: tuple[int, int] | None = None
 
+    def already_imported(self, lines: tuple[int, int] | None = None) -> UnitResult:
+        self.skipped = 1
+        if lines is None:
+            self.notes.append("already imported")
+        self.skipped_lines = lines
+        return self
+
     def fail(self, where: str, status: int, diagnostics: str) -> UnitResult:
         self.failures.append({"where": where, "status": status, "diagnostics": diagnostics})
         return self
@@ -63,11 +71,11 @@ def run_unit(engine: FhirEngine, task: BundleTask | Chunk, force: bool) -> UnitR
             return import_chunk(engine, task, force)
         return import_bundle(engine, task, force)
     except SQLAlchemyError as error:
-        return UnitResult(task.path).fail(task.path, 500, f"database error: {_first_line(error)}")
+        return UnitResult(task.path).fail(task.path, 500, f"database error: {one_line(error)}")
     except Exception as error:
         # One malformed file must not end an import of thousands; it is reported instead.
         return UnitResult(task.path).fail(
-            task.path, 500, f"internal error: {type(error).__name__}: {_first_line(error)}"
+            task.path, 500, f"internal error: {type(error).__name__}: {one_line(error)}"
         )
 
 
@@ -80,11 +88,9 @@ def import_bundle(engine: FhirEngine, task: BundleTask, force: bool) -> UnitResu
         return result.fail(task.path, 400, f"cannot read the file: {error}")
     digest = checksum(data)
     if not force and _done(engine, digest):
-        result.skipped = 1
-        result.notes.append("already imported")
-        return result
+        return result.already_imported()
     try:
-        bundle = orjson.loads(data)
+        bundle = jsonio.loads(data)
     except orjson.JSONDecodeError as error:
         return result.fail(task.path, 400, f"not valid JSON: {error}")
     if not isinstance(bundle, dict) or "resourceType" not in bundle:
@@ -101,9 +107,7 @@ def import_bundle(engine: FhirEngine, task: BundleTask, force: bool) -> UnitResu
             result.resources = _entry_outcomes(response, task.path, result)
             journal.finish(conn, digest, result.resources)
     except journal.AlreadyImported:
-        result.skipped = 1
-        result.notes.append("already imported")
-        return result
+        return result.already_imported()
     except FhirError as error:
         result.resources = 0
         result.failures.clear()
@@ -149,9 +153,7 @@ def import_chunk(engine: FhirEngine, chunk: Chunk, force: bool) -> UnitResult:
     result = UnitResult(chunk.path)
     digest = chunk.checksum()
     if not force and _done(engine, digest):
-        result.skipped = 1
-        result.skipped_lines = (chunk.first_line, chunk.last_line)
-        return result
+        return result.already_imported((chunk.first_line, chunk.last_line))
     problems: list[_Problem] = []
     lines = _parse(chunk, problems)
     try:
@@ -160,9 +162,7 @@ def import_chunk(engine: FhirEngine, chunk: Chunk, force: bool) -> UnitResult:
             result.resources = _store(engine, conn, lines, problems)
             journal.finish(conn, digest, result.resources)
     except journal.AlreadyImported:
-        result.skipped = 1
-        result.skipped_lines = (chunk.first_line, chunk.last_line)
-        return result
+        return result.already_imported((chunk.first_line, chunk.last_line))
     for number, status, diagnostics in sorted(problems):
         result.fail(f"{chunk.path} line {number}", status, diagnostics)
     result.chunks = 1
@@ -175,7 +175,7 @@ def _parse(chunk: Chunk, problems: list[_Problem]) -> list[_Line]:
         if not raw.strip():
             continue
         try:
-            value = orjson.loads(raw)
+            value = jsonio.loads(raw)
         except orjson.JSONDecodeError as error:
             problems.append((number, 400, f"not valid JSON: {error}"))
             continue
@@ -264,6 +264,7 @@ def _done(engine: FhirEngine, digest: str) -> bool:
         return journal.is_done(conn, digest)
 
 
-def _first_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The gist of an error for a one-line report (database errors carry SQL and links)."""
     text = str(getattr(error, "orig", None) or error).strip()
     return text.splitlines()[0] if text else type(error).__name__
