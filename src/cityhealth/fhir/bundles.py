@@ -9,6 +9,7 @@ runs each entry on its own and reports each entry's status.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import uuid
 from collections import Counter
@@ -30,6 +31,7 @@ from cityhealth.fhir.store import Stored
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
+_REFERENCE_JSON = re.compile(r'"reference":"((?:[^"\\]|\\.)*)"')
 _URN_UUID = re.compile(
     r"urn:uuid:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 )
@@ -239,22 +241,21 @@ class BundleProcessor:
         return mapping
 
     def _rewrite(self, value: Any, mapping: dict[str, str], conn: Connection) -> Any:
-        if isinstance(value, dict):
-            out = {}
-            for key, item in value.items():
-                if key == "reference" and isinstance(item, str):
-                    out[key] = self._reference(item, mapping, conn)
-                else:
-                    out[key] = self._rewrite(item, mapping, conn)
-            return out
-        if isinstance(value, list):
-            return [self._rewrite(v, mapping, conn) for v in value]
-        if isinstance(value, str):
-            if value in mapping:
-                return mapping[value]
-            if "urn:uuid:" in value:  # e.g. links in the narrative
-                return _URN_UUID.sub(lambda m: mapping.get(m.group(0), m.group(0)), value)
-        return value
+        """The resource with its references resolved: full URLs of the Bundle's entries and
+        conditional references become `Type/id`, also inside the narrative. Done on the JSON
+        text, which is several times faster than walking large resources in Python."""
+        text = jsonio.dumps(value).decode()
+
+        def reference(match: re.Match[str]) -> str:
+            raw = match.group(1)
+            old = json.loads(f'"{raw}"') if "\\" in raw else raw
+            new = self._reference(old, mapping, conn)
+            return match.group(0) if new == old else '"reference":' + json.dumps(new)
+
+        new = _REFERENCE_JSON.sub(reference, text)
+        if "urn:uuid:" in new:
+            new = _URN_UUID.sub(lambda m: mapping.get(m.group(0), m.group(0)), new)
+        return value if new == text else jsonio.loads(new)
 
     def _reference(self, reference: str, mapping: dict[str, str], conn: Connection) -> str:
         if reference in mapping:
