@@ -7,11 +7,16 @@ own data distinguishable: a unique identifier system, family name or code from `
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi.testclient import TestClient
 from httpx import Response
+from sqlalchemy import func, select
+
+from cityhealth.fhir.engine import FhirEngine
+from cityhealth.fhir.schema import resource
 
 FHIR_JSON = "application/fhir+json"
 JSON_PATCH = "application/json-patch+json"
@@ -130,3 +135,28 @@ def assert_outcome(response: Response, status: int, *expression: str) -> dict[st
     for element in expression:
         assert element in named, f"{element} not in {named}"
     return outcome
+
+
+def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def post(resource: dict[str, Any], full_url: str | None = None, **request: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
+    if full_url:
+        entry["fullUrl"] = full_url
+    return entry
+
+
+def counts(engine: FhirEngine) -> Counter[str]:
+    """Stored (not deleted) resources per type."""
+    query = (
+        select(resource.c.type, func.count())
+        .where(resource.c.deleted.is_(False))
+        .group_by(resource.c.type)
+    )
+    with engine.db.read() as conn:
+        return Counter({rtype: n for rtype, n in conn.execute(query)})

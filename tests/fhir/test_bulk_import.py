@@ -16,8 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import typer
-from helpers import observation, patient, unique
-from sqlalchemy import func, select
+from helpers import bundle, counts, observation, patient, post, unique
 from typer.testing import CliRunner
 
 from cityhealth.config import get_settings
@@ -25,35 +24,10 @@ from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.bulk_import import register as register_import
 from cityhealth.fhir.bulk_import import run_import
 from cityhealth.fhir.engine import FhirEngine
-from cityhealth.fhir.schema import resource
-
-
-def counts(engine: FhirEngine) -> Counter[str]:
-    query = (
-        select(resource.c.type, func.count())
-        .where(resource.c.deleted.is_(False))
-        .group_by(resource.c.type)
-    )
-    with engine.db.read() as conn:
-        return Counter({rtype: n for rtype, n in conn.execute(query)})
 
 
 def added(engine: FhirEngine, before: Counter[str]) -> dict[str, int]:
     return {k: v for k, v in (counts(engine) - before).items() if v}
-
-
-def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
-
-
-def post(resource: dict[str, Any], full_url: str | None = None, **request: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "resource": resource,
-        "request": {"method": "POST", "url": resource["resourceType"], **request},
-    }
-    if full_url:
-        entry["fullUrl"] = full_url
-    return entry
 
 
 def named(family: str, **fields: Any) -> dict[str, Any]:

@@ -10,11 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import (
     assert_outcome,
+    bundle,
     create,
     found,
     history_total,
     observation,
     patient,
+    post,
     read,
     system,
     total,
@@ -28,20 +30,6 @@ def tagged(sys: str, value: str, **fields: Any) -> dict[str, Any]:
 
 def urn() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
-
-
-def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
-
-
-def post(resource: dict[str, Any], full_url: str | None = None, **request: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "resource": resource,
-        "request": {"method": "POST", "url": resource["resourceType"], **request},
-    }
-    if full_url:
-        entry["fullUrl"] = full_url
-    return entry
 
 
 def put(resource: dict[str, Any], url: str, **request: str) -> dict[str, Any]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from helpers import counts
+from sqlalchemy import select
 
 from cityhealth.config import Settings
 from cityhealth.db import Database
@@ -23,16 +23,6 @@ from cityhealth.migrate import upgrade
 from conftest import make_database_url
 
 UNRESOLVED = re.compile(r'"reference":"(urn:uuid:|[A-Z][A-Za-z]+\?)')
-
-
-def counts(engine: FhirEngine) -> Counter[str]:
-    query = (
-        select(resource.c.type, func.count())
-        .where(resource.c.deleted.is_(False))
-        .group_by(resource.c.type)
-    )
-    with engine.db.read() as conn:
-        return Counter({rtype: n for rtype, n in conn.execute(query)})
 
 
 @pytest.mark.slow
