@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
@@ -13,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
@@ -31,10 +29,9 @@ from cityhealth.fhir.export_api import build_export_router
 from cityhealth.fhir.http import outcome_response
 from cityhealth.fhir.rest import build_router
 from cityhealth.jobs import JobRunner
+from cityhealth.request_log import RequestLog
 
 log = logging.getLogger("cityhealth.http")
-REQUESTS = Counter("cityhealth_http_requests_total", "HTTP requests", ["method", "status"])
-LATENCY = Histogram("cityhealth_http_request_seconds", "HTTP request latency", ["method"])
 _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly"}
 
 
@@ -118,31 +115,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             FhirError(500, "exception", "The server could not complete the request; it was logged")
         )
 
-    @app.middleware("http")
-    async def access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["X-Request-Id"] = request_id
-        REQUESTS.labels(request.method, str(response.status_code)).inc()
-        LATENCY.labels(request.method).observe(elapsed)
-        if log.isEnabledFor(logging.INFO):
-            # No query string: it may hold personal data (names, identifiers).
-            log.info(
-                orjson.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": request.method,
-                        "path": request.url.path,
-                        "status": response.status_code,
-                        "ms": round(elapsed * 1000, 2),
-                    }
-                ).decode()
-            )
-        return response
+    app.add_middleware(RequestLog)
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> Response:
