@@ -1,0 +1,486 @@
+"""What every benchmark needs: a description of the machine, a `cityhealth serve` on a fresh
+database, and the memory and CPU figures of processes, read from /proc.
+
+Server, database and load generator share one machine, so figures are only comparable when
+the benchmark also says how busy the machine was and who used the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+from zoneinfo import ZoneInfo
+
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+# -- the machine ------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024**2
+    return 0.0
+
+
+def postgres_version(admin_url: str = PG_ADMIN) -> str:
+    try:
+        with psycopg.connect(admin_url, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            settings = conn.execute(
+                "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
+                "WHERE name IN ('shared_buffers', 'autovacuum', 'synchronous_commit', "
+                "'max_connections')"
+            ).fetchone()
+    except psycopg.OperationalError as error:
+        return f"unreachable ({str(error).splitlines()[0]})"
+    assert row is not None and settings is not None
+    return f"{row[0]} ({settings[0]})"
+
+
+def machine_info(admin_url: str = PG_ADMIN) -> dict[str, str]:
+    now = datetime.now(UTC)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "date": f"{now:%Y-%m-%d %H:%M} UTC ({now.astimezone(_SHANGHAI):%Y-%m-%d %H:%M} Shanghai)",
+        "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "ram": f"{_ram_gib():.1f} GiB",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "postgresql": postgres_version(admin_url),
+        "sqlite": sqlite3.sqlite_version,
+        "load average": load,
+    }
+
+
+def print_header(title: str, admin_url: str = PG_ADMIN) -> dict[str, str]:
+    """Print the title, the exact command and the machine; return the machine description."""
+    info = machine_info(admin_url)
+    print(f"# {title}")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    print()
+    return info
+
+
+# -- CPU and memory of processes -------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU time of each process still alive."""
+    times = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            times[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    return times
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two snapshots; a process born in between counts from zero."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    return total
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over cores."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user time
+    return (total - idle) / _TICK, total / _TICK
+
+
+def machine_busy(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU (0..1) busy over the next `seconds`."""
+    busy0, total0 = machine_cpu()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return (busy1 - busy0) / max(total1 - total0, 1e-9)
+
+
+def wait_for_quiet(max_busy: float, max_wait: float) -> float:
+    """Wait (at most `max_wait` s) until others leave the CPU mostly idle; the last measure."""
+    deadline = time.monotonic() + max_wait
+    busy = machine_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = machine_busy()
+    return busy
+
+
+def reaped_seconds(pid: int) -> float:
+    """CPU time of the children a process has waited for (PostgreSQL's postmaster reaps the
+    backends of closed connections, whose time /proc no longer shows anywhere else)."""
+    fields = _stat_fields(pid)
+    return (int(fields[13]) + int(fields[14])) / _TICK if fields else 0.0
+
+
+class CpuWindow:
+    """Who used the machine's CPU between its creation and `shares()`: each share is a fraction
+    of the whole machine (all cores), so client + server + postgres + other + idle = 1.
+
+    PostgreSQL's share is its live processes' time plus that of backends that exited in the
+    window; the latter may include other databases' closed connections."""
+
+    def __init__(
+        self, server: list[int], postgres: Callable[[], list[int]], postmaster: int | None
+    ) -> None:
+        self.server = server
+        self.postgres = postgres
+        self.postmaster = postmaster
+        self.machine = machine_cpu()
+        self.server_cpu = cpu_seconds(server)
+        self.postgres_cpu = cpu_seconds(postgres())
+        self.reaped = reaped_seconds(postmaster) if postmaster else 0.0
+
+    def shares(self, client_seconds: float) -> dict[str, float]:
+        busy1, total1 = machine_cpu()
+        total = max(total1 - self.machine[1], 1e-9)
+        busy = busy1 - self.machine[0]
+        server = cpu_delta(self.server_cpu, cpu_seconds(self.server))
+        pg = cpu_delta(self.postgres_cpu, cpu_seconds(self.postgres()))
+        if self.postmaster:
+            pg += reaped_seconds(self.postmaster) - self.reaped
+        return {
+            "client": client_seconds / total,
+            "server": server / total,
+            "postgres": pg / total,
+            "other": max(busy - client_seconds - server - pg, 0.0) / total,
+            "idle": max(1 - busy / total, 0.0),
+        }
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+class RssSampler:
+    """Samples the summed RSS of some processes in a background thread: start, peak, end."""
+
+    def __init__(self, pids: list[int], interval: float = 0.2) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.start = self.peak = self.end = rss_bytes(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes(self.pids))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = rss_bytes(self.pids)
+        self.peak = max(self.peak, self.end)
+
+
+# -- profiles -----------------------------------------------------------------------------------
+def py_spy() -> str | None:
+    """The py-spy executable (next to this Python, or on PATH), if installed."""
+    beside = Path(sys.executable).with_name("py-spy")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("py-spy")
+
+
+def start_profiles(pids: list[int], seconds: float, out_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """Sample each process with py-spy (collapsed stacks): only the thread holding the GIL, so
+    that the profile shows where Python spends CPU rather than where threads wait."""
+    exe = py_spy()
+    if exe is None:
+        raise RuntimeError("py-spy not found: install it with `.venv/bin/pip install py-spy`")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(int(seconds), 1)),
+                "--rate",
+                "100",
+                "--gil",
+                "--format",
+                "raw",
+                "--output",
+                str(out_dir / f"worker-{pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+
+
+def _frame_name(frame: str) -> str:
+    """'fn (path/to/module.py:12)' → 'fn (module.py)': one name per function, any line."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    return f"{name} ({Path(file).name})" if file else name
+
+
+def profile_summary(files: list[Path], top: int = 25) -> str:
+    """Self and inclusive shares of the sampled time, per function, over py-spy raw files."""
+    self_samples: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = [_frame_name(f) for f in stack.split(";")]
+            total += count
+            self_samples[frames[-1]] += count
+            for name in set(frames):
+                inclusive[name] += count
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples", "self time:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in self_samples.most_common(top)]
+    lines.append("inclusive time:")
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in inclusive.most_common(top * 2)]
+    return "\n".join(lines)
+
+
+# -- a server on a fresh database -------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """`cityhealth serve` on a database made for it (PostgreSQL: created, then dropped;
+    SQLite: a file in a temporary directory), with its worker processes known."""
+
+    backend: str  # "postgresql" or "sqlite"
+    workers: int
+    admin_url: str = PG_ADMIN
+    log_level: str = "warning"
+    command: tuple[str, ...] = (sys.executable, "-m", "cityhealth", "serve")
+    port: int = field(default_factory=free_port)
+    database: str = ""
+    url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    worker_pids: list[int] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self._tmp = tempfile.TemporaryDirectory(prefix="cityhealth-bench-")
+        if self.backend == "postgresql":
+            self.database = f"cityhealth_bench_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(self.admin_url, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{self.database}"')
+            self.url = (
+                self.admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+                + f"/{self.database}"
+            )
+        else:
+            self.database = str(Path(self._tmp.name) / "cityhealth.db")
+            self.url = f"sqlite:///{self.database}"
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        assert self._tmp is not None
+        env = {
+            **os.environ,
+            "CITYHEALTH_DATABASE_URL": self.url,
+            "CITYHEALTH_WORKERS": str(self.workers),
+            "CITYHEALTH_PORT": str(self.port),
+            "CITYHEALTH_LOG_LEVEL": self.log_level,
+        }
+        self._log = open(Path(self._tmp.name) / "server.log", "wb")  # noqa: SIM115
+        # Run from the repository so that the compiled definitions cache under ./var is reused.
+        self.process = subprocess.Popen(
+            list(self.command),
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited at start-up:\n{self.log_tail()}")
+            healthz = f"{self.base}/healthz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(healthz, timeout=2) as answer:
+                if answer.status == 200:
+                    break
+            time.sleep(0.25)
+        else:
+            raise RuntimeError(f"the server did not answer /healthz in time:\n{self.log_tail()}")
+        self.worker_pids = self._find_workers()
+
+    def _find_workers(self) -> list[int]:
+        assert self.process is not None
+        if self.workers == 1:
+            return [self.process.pid]
+        deadline = time.monotonic() + 60
+        while True:
+            # uvicorn spawns its workers through multiprocessing; the supervisor only watches.
+            spawned = [p for p in children(self.process.pid) if "spawn_main" in _cmdline(p)]
+            if len(spawned) >= self.workers or time.monotonic() > deadline:
+                return spawned
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = 30) -> str:
+        assert self._tmp is not None
+        path = Path(self._tmp.name) / "server.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def supervisor_rss(self) -> int:
+        if self.process is None or self.workers == 1:
+            return 0
+        return rss_bytes([self.process.pid])
+
+    def postgres_pids(self) -> list[int]:
+        """Backends serving this database plus the server's background processes (WAL writer,
+        checkpointer …), whose work the writes cause."""
+        if self.backend != "postgresql":
+            return []
+        with psycopg.connect(self.admin_url) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                "OR backend_type NOT IN ('client backend', 'autovacuum worker')",
+                (self.database,),
+            ).fetchall()
+        return [int(pid) for (pid,) in rows]
+
+    def postmaster_pid(self) -> int | None:
+        if self.backend != "postgresql":
+            return None
+        with psycopg.connect(self.admin_url) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        fields = _stat_fields(int(row[0]))
+        return int(fields[1]) if fields else None
+
+    def sessions(self) -> int:
+        """Connections ever opened to this database (0 on SQLite): a pool that keeps its
+        connections opens few."""
+        if self.backend != "postgresql":
+            return 0
+        with psycopg.connect(self.admin_url) as conn:
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def data_size(self) -> dict[str, int]:
+        """Current rows (live and deleted) and history rows."""
+        sql = (
+            "SELECT (SELECT count(*) FROM resource WHERE NOT deleted),"
+            " (SELECT count(*) FROM resource WHERE deleted),"
+            " (SELECT count(*) FROM resource_history)"
+        )
+        if self.backend == "postgresql":
+            url = self.admin_url.rsplit("/", 1)[0] + f"/{self.database}"
+            with psycopg.connect(url) as conn:
+                row = conn.execute(sql).fetchone()
+        else:
+            with contextlib.closing(sqlite3.connect(self.database)) as conn:
+                row = conn.execute(sql).fetchone()
+        assert row is not None
+        return {"live": int(row[0]), "deleted": int(row[1]), "history": int(row[2])}
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.backend == "postgresql" and self.database:
+            with psycopg.connect(self.admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        if self._log is not None:
+            self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
