@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cityhealth.fhir import fhirpath
@@ -253,18 +253,11 @@ def _type_by_shape(value: Any, param_type: str) -> str | None:
     return "CodeableConcept" if "text" in value else None
 
 
+_ROW_KINDS = tuple(f.name for f in fields(IndexRows))
+
+
 def _dedupe(rows: IndexRows) -> None:
-    if len(rows.token) > 1:
-        rows.token = list(dict.fromkeys(rows.token))
-    if len(rows.string) > 1:
-        rows.string = list(dict.fromkeys(rows.string))
-    if len(rows.date) > 1:
-        rows.date = list(dict.fromkeys(rows.date))
-    if len(rows.number) > 1:
-        rows.number = list(dict.fromkeys(rows.number))
-    if len(rows.quantity) > 1:
-        rows.quantity = list(dict.fromkeys(rows.quantity))
-    if len(rows.reference) > 1:
-        rows.reference = list(dict.fromkeys(rows.reference))
-    if len(rows.uri) > 1:
-        rows.uri = list(dict.fromkeys(rows.uri))
+    for kind in _ROW_KINDS:
+        values = getattr(rows, kind)
+        if len(values) > 1:
+            setattr(rows, kind, list(dict.fromkeys(values)))
