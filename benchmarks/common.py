@@ -23,7 +23,6 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,39 +153,91 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
     return busy
 
 
-def reaped_seconds(pid: int) -> float:
-    """CPU time of the children a process has waited for (PostgreSQL's postmaster reaps the
-    backends of closed connections, whose time /proc no longer shows anywhere else)."""
-    fields = _stat_fields(pid)
-    return (int(fields[13]) + int(fields[14])) / _TICK if fields else 0.0
+def _cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _uptime_ticks() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0]) * _TICK
+
+
+class PostgresCpu:
+    """CPU time PostgreSQL spends for one database, sampled in a background thread: its
+    backends and the shared background processes (WAL writer, checkpointer …).
+
+    Backends of connections closed during the window are gone from /proc; the postmaster's
+    reaped-children time holds them. From it, the lifetime time of the other databases'
+    backends that exited (seen while alive) is taken away, so that another client's closed
+    connection is not counted as ours."""
+
+    def __init__(self, postmaster: int, database: str, interval: float = 0.1) -> None:
+        self.postmaster = postmaster
+        self.database = database
+        self.interval = interval
+        self.mine: dict[int, bool] = {}
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._since = _uptime_ticks()
+        self._reaped = self._reaped_seconds()
+        self._sample()
+        self._thread.start()
+
+    def _reaped_seconds(self) -> float:
+        fields = _stat_fields(self.postmaster)
+        return (int(fields[13]) + int(fields[14])) / _TICK if fields else 0.0
+
+    def _sample(self) -> None:
+        path = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children")
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for pid in map(int, path.read_text().split()):
+                fields = _stat_fields(pid)
+                if fields is None:
+                    continue
+                cpu = _cpu_of(fields)
+                if pid not in self.mine:
+                    title = f" {_cmdline(pid).strip()} "
+                    client = "(" in title or "[local]" in title
+                    self.mine[pid] = f" {self.database} " in title or not client
+                    self.first[pid] = 0.0 if int(fields[19]) >= self._since else cpu
+                self.last[pid] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> float:
+        """Stop sampling; the CPU seconds spent for the database since the start."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        alive = set(cpu_seconds(list(self.last)))
+        ours = sum(self.last[p] - self.first[p] for p in self.last if self.mine[p])
+        gone_others = sum(self.last[p] for p in self.last if p not in alive and not self.mine[p])
+        gone_ours = sum(self.last[p] for p in self.last if p not in alive and self.mine[p])
+        # Reaped time not explained by what we saw: our short-lived backends and the
+        # unseen tails of our closed connections.
+        unseen = self._reaped_seconds() - self._reaped - gone_others - gone_ours
+        return ours + max(unseen, 0.0)
 
 
 class CpuWindow:
     """Who used the machine's CPU between its creation and `shares()`: each share is a fraction
-    of the whole machine (all cores), so client + server + postgres + other + idle = 1.
+    of the whole machine (all cores), so client + server + postgres + other + idle = 1."""
 
-    PostgreSQL's share is its live processes' time plus that of backends that exited in the
-    window; the latter may include other databases' closed connections."""
-
-    def __init__(
-        self, server: list[int], postgres: Callable[[], list[int]], postmaster: int | None
-    ) -> None:
+    def __init__(self, server: list[int], postgres: PostgresCpu | None) -> None:
         self.server = server
         self.postgres = postgres
-        self.postmaster = postmaster
         self.machine = machine_cpu()
         self.server_cpu = cpu_seconds(server)
-        self.postgres_cpu = cpu_seconds(postgres())
-        self.reaped = reaped_seconds(postmaster) if postmaster else 0.0
 
     def shares(self, client_seconds: float) -> dict[str, float]:
+        pg = self.postgres.stop() if self.postgres else 0.0
         busy1, total1 = machine_cpu()
         total = max(total1 - self.machine[1], 1e-9)
         busy = busy1 - self.machine[0]
         server = cpu_delta(self.server_cpu, cpu_seconds(self.server))
-        pg = cpu_delta(self.postgres_cpu, cpu_seconds(self.postgres()))
-        if self.postmaster:
-            pg += reaped_seconds(self.postmaster) - self.reaped
         return {
             "client": client_seconds / total,
             "server": server / total,
@@ -211,6 +262,34 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+def connection_owners(port: int, pids: list[int]) -> dict[int, int]:
+    """Established TCP connections to local `port` (IPv4): client port → the process among
+    `pids` that holds the server end."""
+    inode_owner = {}
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inode_owner[target[8:-1]] = pid
+    owners = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        established = state == "01"
+        if established and int(local.split(":")[1], 16) == port and inode in inode_owner:
+            owners[int(remote.split(":")[1], 16)] = inode_owner[inode]
+    return owners
+
+
+def connections_per_process(port: int, pids: list[int]) -> list[int]:
+    """How many client connections each process serves, in the order of `pids`. uvicorn's
+    workers share one listening socket and the kernel does not spread connections evenly."""
+    counts = Counter(connection_owners(port, pids).values())
+    return [counts.get(pid, 0) for pid in pids]
 
 
 class RssSampler:
@@ -414,27 +493,16 @@ class Server:
             return 0
         return rss_bytes([self.process.pid])
 
-    def postgres_pids(self) -> list[int]:
-        """Backends serving this database plus the server's background processes (WAL writer,
-        checkpointer …), whose work the writes cause."""
-        if self.backend != "postgresql":
-            return []
-        with psycopg.connect(self.admin_url) as conn:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s "
-                "OR backend_type NOT IN ('client backend', 'autovacuum worker')",
-                (self.database,),
-            ).fetchall()
-        return [int(pid) for (pid,) in rows]
-
-    def postmaster_pid(self) -> int | None:
+    def postgres_cpu(self) -> PostgresCpu | None:
+        """Start measuring the CPU PostgreSQL spends for this server's database."""
         if self.backend != "postgresql":
             return None
         with psycopg.connect(self.admin_url) as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
         assert row is not None
         fields = _stat_fields(int(row[0]))
-        return int(fields[1]) if fields else None
+        assert fields is not None
+        return PostgresCpu(int(fields[1]), self.database)
 
     def sessions(self) -> int:
         """Connections ever opened to this database (0 on SQLite): a pool that keeps its

@@ -11,7 +11,9 @@ each, updates each (one field changed, as crud.js does), then
 Loaders: "asyncio" (this script; checks every answer: status, ETag, that the stored resource is
 what was sent, that a read returns the bytes the create answered, that a search finds exactly
 the updated resource) and "wrk" (Debian's wrk with crud_mix.lua: the same mix with lighter
-checks, for when the Python client's own CPU holds the server back).
+checks, for when the Python client's own CPU holds the server back). With several workers,
+both spread their keep-alive connections evenly over them (reconnecting, or restarting wrk,
+until they are): the kernel alone often gives one worker most of them.
 
     .venv/bin/python benchmarks/crud_mix.py            # the whole matrix, about 8 minutes
     .venv/bin/python benchmarks/crud_mix.py --help
@@ -44,6 +46,8 @@ from common import (
     CpuWindow,
     RssSampler,
     Server,
+    connection_owners,
+    connections_per_process,
     cpu_seconds,
     print_header,
     profile_summary,
@@ -177,10 +181,20 @@ class RawHttp:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+
+    @property
+    def local_port(self) -> int | None:
+        if self._writer is None:
+            return None
+        port: int = self._writer.get_extra_info("sockname")[1]
+        return port
+
     async def request(self, method: str, path: str, body: bytes = b"") -> Answer:
         if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/fhir+json\r\n"
         if body:
             head += f"Content-Type: application/fhir+json\r\nContent-Length: {len(body)}\r\n"
@@ -289,12 +303,20 @@ class Run:
     data: dict[str, int] = field(default_factory=dict)
     busy_before: float = 0.0
     sessions: int = 0  # PostgreSQL connections the server opened during the run
+    spread: list[int] = field(default_factory=list)  # client connections per worker
     samples: list[str] = field(default_factory=list)
     profile: str = ""
 
     @property
     def rps(self) -> float:
         return self.ops["all"].count / self.seconds if self.seconds else 0.0
+
+    def cpu_ms(self, user: str) -> float:
+        """CPU milliseconds `user` spent per request: unlike throughput, hardly moved by what
+        else runs on the machine."""
+        requests = self.ops["all"].count
+        cores = os.cpu_count() or 1
+        return self.cpu.get(user, 0.0) * cores * self.seconds * 1000 / requests if requests else 0.0
 
     @property
     def met(self) -> bool:
@@ -407,6 +429,31 @@ async def iteration(
             await call("search", rtype, http.request("GET", path), found)
 
 
+def _fair_share(connections: int, workers: int) -> int:
+    return -(-connections // workers)
+
+
+async def balance_connections(users: list[RawHttp], server: Server) -> None:
+    """Reconnect until each worker serves its fair share of the connections: the kernel hands
+    keep-alive connections to uvicorn's workers unevenly (seen: 14 and 2), which would leave
+    one worker idle and measure the luck of the draw."""
+    await asyncio.gather(*(user.connect() for user in users))
+    fair = _fair_share(len(users), len(server.worker_pids))
+    for _ in range(100):
+        await asyncio.sleep(0.05)  # let the workers accept
+        owners = connection_owners(server.port, server.worker_pids)
+        by_worker: dict[int | None, list[RawHttp]] = {}
+        for user in users:
+            port = user.local_port
+            by_worker.setdefault(owners.get(port) if port else None, []).append(user)
+        surplus = [u for owner, us in by_worker.items() if owner for u in us[fair:]]
+        if not surplus and None not in by_worker:
+            return
+        for user in surplus:
+            await user.close()
+            await user.connect()
+
+
 async def asyncio_load(
     server: Server,
     templates: Templates,
@@ -415,6 +462,7 @@ async def asyncio_load(
     warmup: float,
     seconds: float,
     client: str,
+    balance: bool,
     window: Callable[[], Callable[[], None]],
 ) -> Recorder:
     """Run `connections` virtual users; `window()` is called when the timed part starts and
@@ -426,10 +474,10 @@ async def asyncio_load(
 
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         pool = httpx.AsyncClient(base_url=server.base, limits=limits, timeout=60)
-    users: list[Http] = [
-        HttpxHttp(pool) if pool is not None else RawHttp("127.0.0.1", server.port)
-        for _ in range(connections)
-    ]
+    raw = [RawHttp("127.0.0.1", server.port) for _ in range(connections)] if pool is None else []
+    users: list[Http] = [*raw] if raw else [HttpxHttp(pool) for _ in range(connections)]
+    if raw and balance:
+        await balance_connections(raw, server)
 
     async def user(n: int) -> None:
         count = 0
@@ -459,7 +507,8 @@ def run_asyncio(server: Server, templates: Templates, run: Run, args: argparse.N
     shares: dict[str, float] = {}
 
     def window() -> Callable[[], None]:
-        cpu = CpuWindow(server.worker_pids, server.postgres_pids, server.postmaster_pid())
+        run.spread = connections_per_process(server.port, server.worker_pids)
+        cpu = CpuWindow(server.worker_pids, server.postgres_cpu())
         client0 = cpu_seconds([os.getpid()])[os.getpid()]
         if args.profile:
             profiles.extend(start_profiles(server.worker_pids, args.duration, profile_dir))
@@ -481,6 +530,7 @@ def run_asyncio(server: Server, templates: Templates, run: Run, args: argparse.N
                 args.warmup,
                 args.duration,
                 args.client,
+                args.balance,
                 window,
             )
         )
@@ -523,9 +573,11 @@ def write_lua_templates(templates: Templates, path: Path) -> None:
 _WRK_LINE = re.compile(r"^CRUDMIX (\w+) (.*)$")
 
 
-def _wrk(server: Server, run: Run, seconds: float, lua_templates: Path) -> tuple[str, float]:
-    """Run wrk once; its output and the CPU seconds it used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def _wrk(
+    server: Server, run: Run, seconds: float, lua_templates: Path, balance: bool
+) -> tuple[str, float, list[int]]:
+    """Run wrk once (restarted until its connections are spread evenly over the workers, when
+    `balance`); its output, the CPU seconds it used and the connections per worker."""
     command = [
         "wrk",
         "-t",
@@ -542,14 +594,29 @@ def _wrk(server: Server, run: Run, seconds: float, lua_templates: Path) -> tuple
         "--",
         str(lua_templates),
         run.variant,
-        uuid.uuid4().hex[:8],
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    fair = _fair_share(run.connections, len(server.worker_pids))
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # A fresh run id per start: a restarted wrk must not reuse the identifiers it searches by.
+        wrk = subprocess.Popen(
+            [*command, uuid.uuid4().hex[:8]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.5)
+        spread = connections_per_process(server.port, server.worker_pids)
+        if not balance or max(spread) <= fair or wrk.poll() is not None:
+            break
+        wrk.terminate()
+        wrk.communicate()
+    output, errors = wrk.communicate()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed: {done.stderr.strip() or done.stdout.strip()}")
+    if wrk.returncode != 0:
+        raise RuntimeError(f"wrk failed: {errors.strip() or output.strip()}")
     used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return done.stdout, used
+    return output, used, spread
 
 
 def run_wrk(server: Server, templates: Templates, run: Run, args: argparse.Namespace) -> None:
@@ -557,9 +624,11 @@ def run_wrk(server: Server, templates: Templates, run: Run, args: argparse.Names
         lua_templates = Path(tmp) / "templates.lua"
         write_lua_templates(templates, lua_templates)
         if args.warmup:
-            _wrk(server, run, args.warmup, lua_templates)
-        cpu = CpuWindow(server.worker_pids, server.postgres_pids, server.postmaster_pid())
-        output, client_seconds = _wrk(server, run, args.duration, lua_templates)
+            _wrk(server, run, args.warmup, lua_templates, balance=False)
+        cpu = CpuWindow(server.worker_pids, server.postgres_cpu())
+        output, client_seconds, run.spread = _wrk(
+            server, run, args.duration, lua_templates, args.balance
+        )
         run.cpu = cpu.shares(client_seconds)
     for line in output.splitlines():
         match = _WRK_LINE.match(line)
@@ -625,8 +694,13 @@ def print_run(run: Run) -> None:
         "CPU (share of the machine): "
         + ", ".join(f"{name} {share:.0%}" for name, share in run.cpu.items())
     )
+    print(
+        "CPU per request: "
+        + ", ".join(f"{user} {run.cpu_ms(user):.2f} ms" for user in CPU_USERS[:3])
+    )
     if run.database == "postgresql":
         print(f"PostgreSQL connections opened during the run (warm-up included): {run.sessions}")
+    print(f"client connections per worker: {', '.join(map(str, run.spread))}")
     supervisor = f" (+ supervisor {_mib(run.supervisor_rss)} MiB)" if run.supervisor_rss else ""
     print(
         f"server RSS, sum over workers: start {_mib(run.rss[0])} MiB, peak {_mib(run.rss[1])} "
@@ -653,17 +727,18 @@ def print_summary(runs: list[Run]) -> None:
     print("# Summary")
     print(
         "| database | workers | loader | variant | conns | req/s | p50 ms | p95 ms | p99 ms "
-        "| errors | client CPU | server CPU | PostgreSQL CPU | other CPU | RSS start/peak/end MiB "
-        "| target |"
+        "| errors | CPU % client/server/PG/other | CPU ms per request server/PG "
+        "| RSS MiB start/peak/end | target |"
     )
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for r in runs:
         a = r.ops["all"]
-        cpu = " | ".join(f"{r.cpu.get(k, 0):.0%}" for k in CPU_USERS)
+        shares = "/".join(f"{r.cpu.get(k, 0) * 100:.0f}" for k in CPU_USERS)
+        per_request = f"{r.cpu_ms('server'):.2f}/{r.cpu_ms('postgres'):.2f}"
         print(
             f"| {r.database} | {r.workers} | {r.loader} | {r.variant} | {r.connections} "
-            f"| {r.rps:.0f} | {a.p50:.1f} | {a.p95:.1f} | {a.p99:.1f} | {a.errors} | {cpu} "
-            f"| {_mib(r.rss[0])}/{_mib(r.rss[1])}/{_mib(r.rss[2])} "
+            f"| {r.rps:.0f} | {a.p50:.1f} | {a.p95:.1f} | {a.p99:.1f} | {a.errors} | {shares} "
+            f"| {per_request} | {_mib(r.rss[0])}/{_mib(r.rss[1])}/{_mib(r.rss[2])} "
             f"| {_verdict(r)} |"
         )
     print()
@@ -709,6 +784,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each run")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of each run")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    parser.add_argument(
+        "--no-balance",
+        dest="balance",
+        action="store_false",
+        help="keep the kernel's uneven spread of connections over the workers",
+    )
     parser.add_argument("--profile", default="", help="directory: py-spy the asyncio runs")
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="PostgreSQL URL to create DBs")
     parser.add_argument(
@@ -728,6 +809,8 @@ def main() -> int:
     for name, meaning in VARIANTS.items():
         print(f"variant {name}: {meaning}")
     print(f"warm-up {args.warmup:.0f} s, timed {args.duration:.0f} s per run; client {args.client}")
+    spread = "spread evenly over the workers" if args.balance else "as the kernel hands them out"
+    print(f"client connections: {spread}")
     print("server: cityhealth serve, CITYHEALTH_LOG_LEVEL=warning (no per-request log line)\n")
     templates = load_templates()
     configs = [("postgresql", w) for w in args.pg_workers if "postgresql" in args.databases]

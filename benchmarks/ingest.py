@@ -51,6 +51,7 @@ from common import (
 SHARED = Path(os.environ.get("CITYHEALTH_SHARED", REPO.parent / "shared"))
 SYNTHEA = SHARED / "data" / "synthea-r4"
 TARGET = 3000.0  # resources/s on PostgreSQL
+MASTER_RESOURCES = 778  # in the hospital and practitioner bundles
 #: Unresolved references a correct load leaves none of: `urn:uuid:` and the conditional
 #: references of the patient bundles (to Organization, Location and Practitioner).
 _UNRESOLVED = (
@@ -157,7 +158,8 @@ class Sampler:
     def _run(self) -> None:
         with connect(self.url) as conn:
             while not self._stop.wait(self.interval):
-                with contextlib.suppress(Exception):  # the schema may not be there yet
+                # A sample lost to a busy database is no loss: the next one comes soon.
+                with contextlib.suppress(psycopg.Error, sqlite3.Error):
                     self._sample(conn)
 
     def _sample(self, conn: Any) -> None:
@@ -355,6 +357,24 @@ def quarters(run: Run) -> str:
     return " / ".join(_mib(p) if p else "-" for p in peaks)
 
 
+def phases(run: Run, masters: int) -> str:
+    """When the master bundles were in, the rate of the patient bundles after them, and how
+    long the last tenth of the resources took (a tail where workers wait for the largest
+    bundles)."""
+    samples = [s for s in run.samples if s.resources]
+    if not samples or run.resources <= masters:
+        return "-"
+    master_done = next((s.seconds for s in samples if s.resources >= masters), samples[-1].seconds)
+    end = next(s.seconds for s in samples if s.resources >= run.resources)
+    tail = next(s.seconds for s in samples if s.resources >= run.resources * 0.9)
+    rate = (run.resources - masters) / max(end - master_done, 1e-9)
+    return (
+        f"master bundles in {master_done:.1f} s after the start; patient bundles at "
+        f"{rate:,.0f} resources/s; the last 10 % of the resources took {end - tail:.1f} s; "
+        f"{run.wall - end:.1f} s from the last bundle to the exit (ANALYZE, shutdown)"
+    )
+
+
 def print_run(run: Run) -> None:
     cores = os.cpu_count() or 1
     print(f"## {run.name}, {run.label} set ({sum(run.expected.values()):,} resources)")
@@ -372,6 +392,7 @@ def print_run(run: Run) -> None:
         f"{_mib(run.peak_worker)} MiB, all together {_mib(run.peak_total)} MiB"
     )
     print(f"peak RSS by quarter of the resources stored (MiB): {quarters(run)}")
+    print(f"timeline: {phases(run, MASTER_RESOURCES)}")
     ok = run.counts_ok and run.failures == 0 and run.unresolved == 0
     print(
         f"counts by type: {'as expected' if run.counts_ok else 'WRONG'}; failures: "

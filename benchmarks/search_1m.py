@@ -39,9 +39,10 @@ import psycopg
 from common import (
     PG_ADMIN,
     REPO,
-    CpuWindow,
     Server,
+    cpu_delta,
     cpu_seconds,
+    machine_cpu,
     print_header,
     wait_for_quiet,
 )
@@ -407,15 +408,25 @@ async def measure(q: Query, port: int, connections: int, warmup: float, seconds:
     return figures
 
 
+def backend_pids(url: str) -> list[int]:
+    """PostgreSQL backends serving the database (none on SQLite)."""
+    if url.startswith("sqlite"):
+        return []
+    sql_text = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+    return [int(pid) for (pid,) in query(url, sql_text)]
+
+
 def measure_quietly(q: Query, server: Server, args: argparse.Namespace) -> Figures:
-    """Measure once the machine is quiet, and note how much CPU other processes took."""
+    """Measure once the machine is quiet, and note how much CPU other processes took: the
+    machine's busy time less that of the client, the server and its database backends."""
     busy = wait_for_quiet(args.quiet_busy, args.quiet_wait)
-    window = CpuWindow(server.worker_pids, server.postgres_pids, server.postmaster_pid())
-    me = os.getpid()
-    client = cpu_seconds([me])[me]
+    ours = [os.getpid(), *server.worker_pids, *backend_pids(server.url)]
+    before, (busy0, total0) = cpu_seconds(ours), machine_cpu()
     figures = asyncio.run(measure(q, server.port, args.connections, args.warmup, args.seconds))
-    shares = window.shares(cpu_seconds([me])[me] - client)
-    figures.busy_before, figures.others = busy, shares["other"]
+    busy1, total1 = machine_cpu()
+    used = cpu_delta(before, cpu_seconds([*ours, *backend_pids(server.url)]))
+    figures.busy_before = busy
+    figures.others = max(busy1 - busy0 - used, 0.0) / max(total1 - total0, 1e-9)
     return figures
 
 
