@@ -59,9 +59,9 @@ def postgres_version(admin_url: str = PG_ADMIN) -> str:
         with psycopg.connect(admin_url, connect_timeout=5) as conn:
             row = conn.execute("SHOW server_version").fetchone()
             settings = conn.execute(
-                "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
-                "WHERE name IN ('shared_buffers', 'autovacuum', 'synchronous_commit', "
-                "'max_connections')"
+                "SELECT string_agg(name || '=' || current_setting(name), ' ' ORDER BY name) "
+                "FROM pg_settings WHERE name IN "
+                "('shared_buffers', 'autovacuum', 'synchronous_commit', 'max_connections')"
             ).fetchone()
     except psycopg.OperationalError as error:
         return f"unreachable ({str(error).splitlines()[0]})"
@@ -105,13 +105,17 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
+def _cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+
+
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
     """User + system CPU time of each process still alive."""
     times = {}
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            times[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+            times[pid] = _cpu_of(fields)
     return times
 
 
@@ -151,10 +155,6 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
     while busy > max_busy and time.monotonic() < deadline:
         busy = machine_busy()
     return busy
-
-
-def _cpu_of(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _uptime_ticks() -> float:

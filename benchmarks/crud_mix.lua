@@ -20,7 +20,7 @@ local function now_us()
   return tonumber(clock.tv_sec) * 1e6 + tonumber(clock.tv_nsec) / 1e3
 end
 
--- Latencies go into 0.1 ms buckets (up to 30 s): enough for percentiles, cheap to merge.
+-- Latencies go into 0.1 ms buckets: enough for percentiles, cheap to merge.
 local BUCKET_US = 100
 local OPS = { "create", "read", "update", "delete", "search" }
 
@@ -43,7 +43,7 @@ local headers_body = { ["Accept"] = "application/fhir+json", ["Content-Type"] = 
 local stats = {}
 local samples = {}
 
--- "op n errors" lines, "op bucket count" lines, then "! sample" lines.
+-- "op n errors" lines, "op bucket count h" lines, then "! sample" lines.
 local function report()
   local out = {}
   for op, s in pairs(stats) do

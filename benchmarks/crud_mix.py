@@ -15,7 +15,7 @@ checks, for when the Python client's own CPU holds the server back). With severa
 both spread their keep-alive connections evenly over them (reconnecting, or restarting wrk,
 until they are): the kernel alone often gives one worker most of them.
 
-    .venv/bin/python benchmarks/crud_mix.py            # the whole matrix, about 8 minutes
+    .venv/bin/python benchmarks/crud_mix.py            # the whole matrix, 7–9 minutes
     .venv/bin/python benchmarks/crud_mix.py --help
 """
 
@@ -795,7 +795,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quiet-busy", type=float, default=0.25, help="wait while others use more of the CPU"
     )
-    parser.add_argument("--quiet-wait", type=float, default=20.0, help="longest wait, seconds")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=10.0, help="longest wait before a run, seconds"
+    )
     return parser.parse_args()
 
 
