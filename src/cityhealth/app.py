@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -37,13 +38,15 @@ _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly"}
 
 def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
-    db = db or Database(settings.database_url)
+    db = db or Database(settings.database_url, settings.db_pool_size)
     engine = FhirEngine(db, get_definitions(), settings)
     exports = BulkExport(engine, ExportSettings.from_settings(settings))
     runner = JobRunner.from_settings(db, [exports], settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # As many request threads as pooled connections: none waits for or opens one.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         runner.start()
         try:
             yield

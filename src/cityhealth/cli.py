@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import typer
 import uvicorn
@@ -55,6 +57,17 @@ def fhir_install(
     typer.echo(f"{spec} installed in {path}")
 
 
+def _definitions_problem() -> str | None:
+    """Load the FHIR definitions (compiling their cache on first use); what stops them, if any."""
+    from cityhealth.fhir.definitions import get_definitions
+
+    try:
+        get_definitions()
+    except PackageError as error:
+        return str(error)
+    return None
+
+
 @app.command()
 def serve(
     host: str | None = typer.Option(None, help="Address to listen on."),
@@ -62,22 +75,27 @@ def serve(
     workers: int | None = typer.Option(None, help="Worker processes."),
 ) -> None:
     """Migrate the database, then serve the platform (FHIR at /fhir, OpenAPI at /docs)."""
-    from cityhealth.fhir.definitions import get_definitions
     from cityhealth.migrate import upgrade
 
     settings = get_settings()
+    workers = workers or settings.workers
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
-    try:
-        get_definitions()
-        upgrade(settings.database_url)
-    except PackageError as error:
-        _fail(str(error))
+    if workers > 1:
+        # The supervisor only forks workers: load the definitions (and build their cache) in a
+        # child so that it does not keep them in memory.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            problem = pool.submit(_definitions_problem).result()
+    else:
+        problem = _definitions_problem()
+    if problem:
+        _fail(problem)
+    upgrade(settings.database_url)
     uvicorn.run(
         "cityhealth.app:create_app",
         factory=True,
         host=host or settings.host,
         port=port or settings.port,
-        workers=workers or settings.workers,
+        workers=workers,
         log_level=settings.log_level,
         access_log=False,
     )

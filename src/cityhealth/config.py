@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    #: Database connections per worker process, and the number of requests a worker runs at
+    #: once in its threads (more would wait for a connection).
+    db_pool_size: int = 20
     search_default_count: int = 20
     search_max_count: int = 1000
     #: Most results an _include / _revinclude may add to one page.

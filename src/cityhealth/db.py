@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ class Database:
     """An engine plus the two kinds of transaction the repository uses."""
 
     def __init__(self, url: str, pool_size: int = 10) -> None:
+        """`pool_size` connections are kept open; callers should not run more threads that
+        use the database than that (the app sets its thread limiter to it), so that no request
+        pays for opening a connection."""
         self.url = make_url(url)
         self.dialect = self.url.get_backend_name()
         if self.is_sqlite:
@@ -28,10 +32,15 @@ class Database:
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
+            # Writers of this process queue here, in order, rather than in SQLite's busy
+            # handler, which sleeps in growing steps (long tail latencies under load).
+            self._write_lock: AbstractContextManager[object] = threading.RLock()
         else:
-            self.engine = create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-            )
+            # A little overflow for threads outside the request limiter (jobs, start-up). No
+            # ping per checkout (a round trip per request): a dropped connection fails one
+            # request with 503, and SQLAlchemy then renews the whole pool.
+            self.engine = create_engine(self.url, pool_size=pool_size, max_overflow=4)
+            self._write_lock = nullcontext()
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
 
     @property
@@ -51,7 +60,7 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE)
         so concurrent writers queue instead of failing on lock upgrade."""
-        with self._write_engine.connect() as conn, conn.begin():
+        with self._write_lock, self._write_engine.connect() as conn, conn.begin():
             yield conn
 
     def dispose(self) -> None:

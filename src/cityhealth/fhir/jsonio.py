@@ -14,8 +14,12 @@ from typing import Any
 
 import orjson
 
-# A fraction ending in 0, an exponent, or more digits than a float keeps.
-_IMPRECISE = re.compile(rb"\d\.\d*0(?!\d)|\d[eE][+-]?\d|\d\.\d{16,}|\d{17,}")
+# A number value (after `:`, `,` or `[`, before `,`, `]` or `}`) whose fraction ends in 0, with
+# an exponent, or with more digits than a float keeps. Anchored on value positions so that
+# timestamps and other strings ("…T10:20:30.120Z") do not send the body to the slow parser.
+_IMPRECISE = re.compile(
+    rb"[:,\[]\s*-?(?:\d+\.\d*0|\d+(?:\.\d+)?[eE][+-]?\d+|\d+\.\d{16,}|\d{17,})\s*[,\]}]"
+)
 
 
 class DecimalText(float):

@@ -62,11 +62,16 @@ def build_router(engine: FhirEngine) -> APIRouter:
         request: Request, rtype: str, params: list[tuple[str, str]]
     ) -> Response:
         lenient = prefer(request, "handling") == "lenient"
-        if rtype:
-            search = await run(engine.parse_search, rtype, params, lenient)
-        else:
-            search = await run(engine.parse_system_search, params, lenient)
-        result = await run(engine.search, context(request), search, base(request))
+        ctx, url = context(request), base(request)
+
+        def parse_and_search() -> tuple[Any, Any]:  # one thread hand-off per request
+            if rtype:
+                search = engine.parse_search(rtype, params, lenient)
+            else:
+                search = engine.parse_system_search(params, lenient)
+            return search, engine.search(ctx, search, url)
+
+        search, result = await run(parse_and_search)
         outcome = None
         if search.ignored:
             outcome = operation_outcome(

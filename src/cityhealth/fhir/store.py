@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, delete, insert, select, text, update
+from sqlalchemy import Connection, CursorResult, Table, insert, text
 
 from cityhealth.fhir.clock import instant
 from cityhealth.fhir.indexing import IndexRows
@@ -66,26 +66,41 @@ class Stored:
         return instant(self.last_updated)
 
 
+_COLUMNS = "rid, type, id, version, last_updated, deleted, body"
+_PG_TEXT: dict[str, str] = {}
+
+
+def _run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
+    """Execute a fixed statement written with `?` placeholders straight through the driver.
+
+    The hot statements of every request skip SQLAlchemy's expression building and compiling,
+    which cost more than the statements themselves."""
+    if conn.dialect.name == "postgresql":
+        sql = _PG_TEXT.get(sql) or _PG_TEXT.setdefault(sql, sql.replace("?", "%s"))
+    return conn.exec_driver_sql(sql, params)
+
+
+def _stored(row: Any, method: str = "PUT") -> Stored:
+    rid, rtype, rid_id, version_id, updated, deleted, body = row[:7]
+    return Stored(rid, rtype, rid_id, version_id, updated, bool(deleted), body, method)
+
+
 def current(conn: Connection, rtype: str, rid_id: str, *, lock: bool = False) -> Stored | None:
-    query = select(resource).where(and_(resource.c.type == rtype, resource.c.id == rid_id))
+    sql = f"SELECT {_COLUMNS} FROM resource WHERE type = ? AND id = ?"
     if lock and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = conn.execute(query).first()
-    if row is None:
-        return None
-    return Stored(row.rid, row.type, row.id, row.version, row.last_updated, row.deleted, row.body)
+        sql += " FOR UPDATE"
+    row = _run(conn, sql, (rtype, rid_id)).first()
+    return None if row is None else _stored(row)
 
 
 def version(conn: Connection, rtype: str, rid_id: str, vid: int) -> Stored | None:
-    h = resource_history
-    row = conn.execute(
-        select(h).where(and_(h.c.type == rtype, h.c.id == rid_id, h.c.version == vid))
+    row = _run(
+        conn,
+        f"SELECT {_COLUMNS}, method FROM resource_history"
+        " WHERE type = ? AND id = ? AND version = ?",
+        (rtype, rid_id, vid),
     ).first()
-    if row is None:
-        return None
-    return Stored(
-        row.rid, row.type, row.id, row.version, row.last_updated, row.deleted, row.body, row.method
-    )
+    return None if row is None else _stored(row, row.method)
 
 
 #: From this many rows on, PostgreSQL gets them through COPY rather than INSERT.
@@ -111,7 +126,8 @@ def _bulk(
     if conn.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
         _copy(conn, table, columns, rows)
     else:
-        conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+        marks = ", ".join("?" * len(columns))
+        _run(conn, f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})", rows)
 
 
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
@@ -130,6 +146,14 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         values = [(rid, False, *row.values()) for rid, row in zip(rids, rows, strict=True)]
         _bulk(conn, resource, columns, values)
         return [int(rid) for rid in rids]
+    if len(rows) == 1:
+        row = rows[0]
+        sql = (
+            "INSERT INTO resource (type, id, version, last_updated, body, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING rid"
+        )
+        one = (row["type"], row["id"], row["version"], row["last_updated"], row["body"], False)
+        return [int(_run(conn, sql, one).scalar_one())]
     result = conn.execute(
         insert(resource).returning(resource.c.rid, sort_by_parameter_order=True),
         [{**row, "deleted": False} for row in rows],
@@ -140,10 +164,10 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
 def replace_current(
     conn: Connection, rid: int, version_id: int, last_updated: int, body: str | None
 ) -> None:
-    conn.execute(
-        update(resource)
-        .where(resource.c.rid == rid)
-        .values(version=version_id, last_updated=last_updated, deleted=body is None, body=body)
+    _run(
+        conn,
+        "UPDATE resource SET version = ?, last_updated = ?, deleted = ?, body = ? WHERE rid = ?",
+        (version_id, last_updated, body is None, body, rid),
     )
 
 
@@ -158,10 +182,24 @@ def add_history(conn: Connection, versions: list[Stored]) -> None:
     _bulk(conn, resource_history, _HISTORY_COLUMNS, rows)
 
 
+_CLEARED = [*(t.name for t in INDEX_TABLES.values()), compartment.name]
+# PostgreSQL: one round trip for all the tables (most of the DELETEs find nothing).
+_CLEAR_ALL = (
+    "WITH "
+    + ", ".join(
+        f"d{n} AS (DELETE FROM {name} WHERE rid = %(rid)s)" for n, name in enumerate(_CLEARED[:-1])
+    )
+    + f" DELETE FROM {_CLEARED[-1]} WHERE rid = %(rid)s"
+)
+
+
 def clear_index(conn: Connection, rid: int) -> None:
-    for table in INDEX_TABLES.values():
-        conn.execute(delete(table).where(table.c.rid == rid))
-    conn.execute(delete(compartment).where(compartment.c.rid == rid))
+    """Remove the index rows and compartment membership of one resource."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_CLEAR_ALL, {"rid": rid})
+    else:  # SQLite has no data-modifying WITH; its statements cost no round trip
+        for name in _CLEARED:
+            _run(conn, f"DELETE FROM {name} WHERE rid = ?", (rid,))
 
 
 def write_index(conn: Connection, entries: list[tuple[int, str, IndexRows, set[str]]]) -> None:
