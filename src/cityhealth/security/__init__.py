@@ -1,0 +1,1 @@
+"""Security building blocks: passwords, signing keys, access tokens and SMART scopes."""
