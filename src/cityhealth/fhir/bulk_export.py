@@ -25,6 +25,7 @@ from cityhealth.fhir.clock import instant, now_us
 from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.index_values import parse_reference
 from cityhealth.fhir.schema import compartment, idx_reference, resource
+from cityhealth.fhir.search_sql import own_rows
 from cityhealth.jobs.runner import JobContext, JobFailed
 
 EXPORT_KIND = "export"
@@ -226,13 +227,15 @@ class BulkExport:
             where.append(r.c.type.in_(request.types))
         if request.since is not None:
             where.append(r.c.last_updated >= request.since)
+        c, dialect = compartment, conn.dialect.name
         if request.level == PATIENT_LEVEL:
-            where.append(or_(r.c.type == "Patient", r.c.rid.in_(select(compartment.c.rid))))
+            members = select(c.c.shard, c.c.rid)
+            where.append(or_(r.c.type == "Patient", own_rows(r, members, dialect)))
         elif request.level == GROUP_LEVEL:
             assert request.group_id is not None
             members = self._members(conn, request.group_id)
-            in_group = select(compartment.c.rid).where(compartment.c.patient_id.in_(members))
-            where.append(r.c.rid.in_(in_group))
+            in_group = select(c.c.shard, c.c.rid).where(c.c.patient_id.in_(members))
+            where.append(own_rows(r, in_group, dialect))
         return select(r.c.type, r.c.body).where(*where)
 
     def _members(self, conn: Connection, group_id: str) -> Select[Any]:
@@ -243,6 +246,7 @@ class BulkExport:
             raise JobFailed(f"Group/{group_id} does not exist any more")
         ref = idx_reference
         members = select(ref.c.target_id).where(
+            ref.c.shard == group.shard,
             ref.c.rid == group.rid,
             ref.c.param == "member",
             ref.c.target_type == "Patient",

@@ -7,6 +7,7 @@ CapabilityStatement) comes from here, not from per-resource code.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -217,12 +218,13 @@ def load(directory: Path, var_dir: Path | None = None) -> Definitions:
             with cached.open("rb") as fh:
                 result: Definitions = pickle.load(fh)
             return result
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            pass  # a stale or broken cache is rebuilt below
+        except Exception:
+            pass  # a stale or broken cache (any error unpickling it) is rebuilt below
     defs = load_from_dir(directory)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
+        # One scratch file per process: workers starting together must not write into the same.
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         with tmp.open("wb") as fh:
             pickle.dump(defs, fh, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(cached)

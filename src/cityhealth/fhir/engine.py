@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, not_, select, tuple_
 
 from cityhealth.config import Settings
 from cityhealth.db import Database
@@ -23,6 +23,8 @@ from cityhealth.fhir.repository import Repository, WriteResult
 from cityhealth.fhir.schema import compartment, idx_reference, resource
 from cityhealth.fhir.search import Hit, Searcher, SearchResult, decode_cursor, encode_cursor
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
+from cityhealth.fhir.search_sql import own_rows
+from cityhealth.fhir.sharding import patient_shard
 
 JSON_PATCH = "application/json-patch+json"
 
@@ -206,14 +208,19 @@ class FhirEngine:
         query.rtype, query.rid = rtype, rid
         with self.repository.reading() as tx:
             if rtype and rid:
-                self.repository.read_any_version(ctx, rtype, rid, tx)
+                found = self.repository.read_any_version(ctx, rtype, rid, tx)
+                query.row = (found.shard, found.rid)
             return history(tx, query)
 
     # -- $everything ------------------------------------------------------------------------
     def everything(
         self, ctx: AccessContext, rid: str, params: list[tuple[str, str]]
     ) -> SearchResult:
-        """The patient, the resources of their compartment, and what those reference (paged)."""
+        """The patient, the resources of their compartment, and what those reference (paged).
+
+        The compartment is read in two statements: the resources on the patient's own shard
+        (all of them but those that also belong to a patient with a smaller id), a single-shard
+        query, and the others, found through the compartment rows of other shards."""
         count = self.settings.search_default_count
         cursor: str | None = None
         types: list[str] = []
@@ -231,27 +238,36 @@ class FhirEngine:
                 raise bad_request(f"Unknown $everything parameter '{name}'")
         request = SearchRequest("Patient", count=count, cursor=cursor)
         with self.repository.reading() as tx:
-            patient = self.repository.read(ctx, "Patient", rid, tx)
-            r = resource.alias("r")
-            members = select(compartment.c.rid).where(compartment.c.patient_id == rid)
-            where = [r.c.deleted.is_(False), or_(r.c.rid == patient.rid, r.c.rid.in_(members))]
-            if types:
-                where.append(r.c.type.in_(types))
-            if since is not None:
-                where.append(r.c.last_updated >= since)
+            self.repository.read(ctx, "Patient", rid, tx)
+            after: int | None = None
             if cursor:
                 _, keys = decode_cursor(cursor)
                 if len(keys) != 1 or type(keys[0]) is not int:
                     raise bad_request("The paging cursor does not match this search")
-                where.append(r.c.rid > keys[0])
-            rows = tx.execute(
-                select(r.c.rid, r.c.type, r.c.id, r.c.body)
-                .where(*where)
-                .order_by(r.c.rid)
-                .limit(count + 1)
-            ).all()
+                after = keys[0]
+            shard = patient_shard(rid)
+            c = compartment.alias("c")
+            home = select(c.c.shard, c.c.rid).where(c.c.shard == shard, c.c.patient_id == rid)
+            away = select(c.c.shard, c.c.rid).where(c.c.patient_id == rid, c.c.shard != shard)
+            r = resource.alias("r")
+            rows: list[Any] = []
+            dialect = tx.dialect.name
+            for where in (
+                [r.c.shard == shard, own_rows(r, home, dialect)],
+                [own_rows(r, away, dialect)],
+            ):
+                where.append(r.c.deleted.is_(False))
+                if types:
+                    where.append(r.c.type.in_(types))
+                if since is not None:
+                    where.append(r.c.last_updated >= since)
+                if after is not None:
+                    where.append(r.c.rid > after)
+                query = select(r.c.rid, r.c.shard, r.c.type, r.c.id, r.c.body).where(*where)
+                rows += tx.execute(query.order_by(r.c.rid).limit(count + 1)).all()
+            rows.sort(key=lambda x: x.rid)
             result = SearchResult(request)
-            result.matches = [Hit(x.rid, x.type, x.id, x.body) for x in rows[:count]]
+            result.matches = [Hit(x.rid, x.shard, x.type, x.id, x.body) for x in rows[:count]]
             if len(rows) > count:
                 result.next_cursor = encode_cursor("n", [rows[count - 1].rid])
             result.included = self._referenced_outside(tx, result.matches, rid, types)
@@ -260,29 +276,28 @@ class FhirEngine:
     def _referenced_outside(
         self, conn: Connection, hits: list[Hit], patient_id: str, types: list[str]
     ) -> list[Hit]:
-        """Resources the page references that are not in the compartment (organizations …)."""
+        """Resources the page references that are not in the compartment (organizations …):
+        they may live on any shard, so their (type, id) come from an uncorrelated subquery."""
         if not hits:
             return []
         ref = idx_reference.alias()
+        targets = select(ref.c.target_type, ref.c.target_id).where(
+            ref.c.shard.in_(sorted({h.shard for h in hits})),
+            ref.c.rid.in_([h.rid for h in hits]),
+        )
+        c = compartment.alias("c")
+        in_compartment = select(c.c.shard, c.c.rid).where(c.c.patient_id == patient_id)
         t = resource.alias()
-        in_compartment = select(compartment.c.rid).where(compartment.c.patient_id == patient_id)
-        query = (
-            select(t.c.rid, t.c.type, t.c.id, t.c.body)
-            .distinct()
-            .select_from(
-                ref.join(t, and_(t.c.type == ref.c.target_type, t.c.id == ref.c.target_id))
-            )
-            .where(
-                ref.c.rid.in_([h.rid for h in hits]),
-                t.c.deleted.is_(False),
-                t.c.rid.not_in(in_compartment),
-                t.c.rid.not_in([h.rid for h in hits]),
-            )
-            .order_by(t.c.rid)
+        query = select(t.c.rid, t.c.shard, t.c.type, t.c.id, t.c.body).where(
+            tuple_(t.c.type, t.c.id).in_(targets),
+            t.c.deleted.is_(False),
+            not_(own_rows(t, in_compartment, conn.dialect.name)),
         )
         if types:
             query = query.where(t.c.type.in_(types))
-        return [Hit(x.rid, x.type, x.id, x.body) for x in conn.execute(query)]
+        return [
+            Hit(x.rid, x.shard, x.type, x.id, x.body) for x in conn.execute(query.order_by(t.c.rid))
+        ]
 
 
 def _since(value: str) -> int:

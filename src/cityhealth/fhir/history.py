@@ -18,6 +18,7 @@ from cityhealth.fhir.store import Stored
 class HistoryQuery:
     rtype: str | None = None
     rid: str | None = None
+    row: tuple[int, int] | None = None  # (shard, rid) of the resource: instance history
     since: int | None = None  # microseconds, inclusive
     at: tuple[int, int] | None = None  # [low, high): versions current at some point in it
     count: int = 20
@@ -63,6 +64,8 @@ def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
         where.append(h.c.type == query.rtype)
     if query.rid:
         where.append(h.c.id == query.rid)
+    if query.row is not None:  # one shard, and the primary key rather than the type's versions
+        where.extend([h.c.shard == query.row[0], h.c.rid == query.row[1]])
     if query.since is not None:
         where.append(h.c.last_updated >= query.since)
     if query.at is not None:
@@ -70,7 +73,11 @@ def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
         later = resource_history.alias()
         superseded_at = (
             select(func.min(later.c.last_updated))
-            .where(later.c.rid == h.c.rid, later.c.version > h.c.version)
+            .where(
+                later.c.shard == h.c.shard,
+                later.c.rid == h.c.rid,
+                later.c.version > h.c.version,
+            )
             .scalar_subquery()
         )
         # A version is current from its own lastUpdated until the next version's.
@@ -100,7 +107,7 @@ def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
     more = len(rows) > query.count
     rows = rows[: query.count]
     page.entries = [
-        Stored(r.rid, r.type, r.id, r.version, r.last_updated, r.deleted, r.body, r.method)
+        Stored(r.rid, r.shard, r.type, r.id, r.version, r.last_updated, r.deleted, r.body, r.method)
         for r in rows
     ]
     if more and rows:

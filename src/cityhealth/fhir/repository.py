@@ -25,11 +25,21 @@ from cityhealth.fhir.errors import (
     not_found,
     precondition_failed,
 )
-from cityhealth.fhir.indexing import Indexer
-from cityhealth.fhir.store import Stored
+from cityhealth.fhir.indexing import Indexer, IndexRows
+from cityhealth.fhir.sharding import shard_key
+from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """The index rows of a new version, the patients whose compartments it is in, its shard."""
+
+    rows: IndexRows
+    patients: set[str]
+    shard: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,13 @@ class Repository:
         resource["meta"] = meta
         return jsonio.dumps(resource).decode()
 
+    def known_shard(self, rtype: str, rid: str) -> int | None:
+        """The shard of `rtype/rid` when its type alone decides it: a Patient, or a type outside
+        the Patient compartment. Other types follow their patient, known only from the row."""
+        if rtype == "Patient" or rtype not in self.definitions.patient_compartment:
+            return shard_key(rtype, rid, ())
+        return None
+
     def _patients(self, rtype: str, rid: str, rows: Any) -> set[str]:
         if rtype == "Patient":
             return {rid}
@@ -106,39 +123,63 @@ class Repository:
             if param in params and target_type == "Patient" and target_id
         }
 
+    def _index(self, resource: dict[str, Any], rtype: str, rid: str) -> Indexed:
+        # The stamp added at write time (versionId, lastUpdated) is not indexed: this can run
+        # before it, so that an update knows the shard it is about to lock.
+        rows = self.indexer.index(resource)
+        patients = self._patients(rtype, rid, rows)
+        return Indexed(rows, patients, shard_key(rtype, rid, patients))
+
+    @staticmethod
+    def _lock(conn: Connection, rtype: str, rid: str, shard: int | None) -> Stored | None:
+        """The current row, locked. The lock names the row's shard: `shard` if it is there
+        (an update that keeps its patient), else the shard an unlocked lookup finds."""
+        found = store.locked(conn, rtype, rid, shard) if shard is not None else None
+        while found is None:
+            anywhere = store.current(conn, rtype, rid)
+            if anywhere is None:
+                return None
+            # None again only if the resource moved to another shard in between.
+            found = store.locked(conn, rtype, rid, anywhere.shard)
+        return found
+
     def _write(
         self,
         conn: Connection,
-        items: list[tuple[dict[str, Any], str, str, Stored | None]],
+        items: list[tuple[dict[str, Any], str, str, Stored | None, Indexed]],
         method: str,
     ) -> list[Stored]:
-        """Write new versions of (resource, type, id, previous version) in a few statements."""
+        """Write new versions of (resource, type, id, previous version, its index) in a few
+        statements."""
         prepared = []
-        for resource, rtype, rid, previous in items:
+        for resource, rtype, rid, previous, indexed in items:
             version = previous.version + 1 if previous else 1
             us = now_us()
             body = self._stamp(resource, rid, version, us)
-            prepared.append((rtype, rid, version, us, body, self.indexer.index(resource), previous))
+            rows, patients, shard = indexed.rows, indexed.patients, indexed.shard
+            prepared.append((rtype, rid, shard, version, us, body, rows, patients, previous))
         new_rids = iter(
             store.insert_new(
                 conn,
                 [
-                    {"type": t, "id": i, "version": v, "last_updated": us, "body": b}
-                    for t, i, v, us, b, _, previous in prepared
+                    {"shard": s, "type": t, "id": i, "version": v, "last_updated": us, "body": b}
+                    for t, i, s, v, us, b, _, _, previous in prepared
                     if previous is None
                 ],
             )
         )
         written, index = [], []
-        for rtype, rid, version, us, body, rows, previous in prepared:
-            if previous is None:
-                row_id = next(new_rids)
-            else:
-                row_id = previous.rid
-                store.replace_current(conn, row_id, version, us, body)
-                store.clear_index(conn, row_id)
-            written.append(Stored(row_id, rtype, rid, version, us, False, body, method))
-            index.append((row_id, rtype, rows, self._patients(rtype, rid, rows)))
+        for rtype, rid, shard, version, us, body, rows, patients, previous in prepared:
+            row_id = next(new_rids) if previous is None else previous.rid
+            stored = Stored(row_id, shard, rtype, rid, version, us, False, body, method)
+            if previous is not None:
+                store.clear_index(conn, previous.shard, row_id)
+                if previous.shard == shard:
+                    store.replace_current(conn, row_id, shard, version, us, body)
+                else:  # its compartment patient changed: the rows go to the new one's shard
+                    store.move(conn, previous, stored)
+            written.append(stored)
+            index.append(IndexEntry(row_id, shard, rtype, rows, patients))
         store.add_history(conn, written)
         store.write_index(conn, index)
         return written
@@ -172,12 +213,12 @@ class Repository:
             except FhirError as error:
                 error.index = position
                 raise
+        prepared: list[tuple[dict[str, Any], str, str, Stored | None, Indexed]] = []
+        for rtype, res, given in items:
+            rid = given or str(uuid.uuid4())
+            prepared.append((res, rtype, rid, None, self._index(res, rtype, rid)))
         with self.transaction(conn) as tx:
-            written = self._write(
-                tx,
-                [(res, rtype, rid or str(uuid.uuid4()), None) for rtype, res, rid in items],
-                "POST",
-            )
+            written = self._write(tx, prepared, "POST")
         return [WriteResult(stored, True) for stored in written]
 
     def update(
@@ -200,14 +241,15 @@ class Repository:
             raise bad_request(
                 f"The id in the body ({resource.get('id')}) differs from the URL ({rid})", "id"
             )
+        indexed = self._index(resource, rtype, rid)
         with self.transaction(conn) as tx:
-            previous = store.current(tx, rtype, rid, lock=True)
+            previous = self._lock(tx, rtype, rid, indexed.shard)
             if if_match is not None and (previous is None or previous.version != if_match):
                 have = "none" if previous is None or previous.deleted else previous.version
                 raise precondition_failed(
                     f"Version {if_match} is not the current version of {rtype}/{rid} ({have})"
                 )
-            (stored,) = self._write(tx, [(resource, rtype, rid, previous)], method)
+            (stored,) = self._write(tx, [(resource, rtype, rid, previous, indexed)], method)
         return WriteResult(stored, previous is None or previous.deleted)
 
     def delete(
@@ -217,15 +259,16 @@ class Repository:
         self.check_type(rtype)
         self.check_id(rid)
         with self.transaction(conn) as tx:
-            previous = store.current(tx, rtype, rid, lock=True)
+            previous = self._lock(tx, rtype, rid, self.known_shard(rtype, rid))
             if previous is None or previous.deleted:
                 return None
             us = now_us()
+            shard = previous.shard  # a deleted resource stays where it was
             stored = Stored(
-                previous.rid, rtype, rid, previous.version + 1, us, True, None, "DELETE"
+                previous.rid, shard, rtype, rid, previous.version + 1, us, True, None, "DELETE"
             )
-            store.replace_current(tx, previous.rid, stored.version, us, None)
-            store.clear_index(tx, previous.rid)
+            store.replace_current(tx, previous.rid, shard, stored.version, us, None)
+            store.clear_index(tx, shard, previous.rid)
             store.add_history(tx, [stored])
             return stored
 
@@ -237,7 +280,7 @@ class Repository:
         if not ID_PATTERN.match(rid):
             raise not_found(f"{rtype}/{rid} is not known")
         with self.reading(conn) as tx:
-            found = store.current(tx, rtype, rid)
+            found = store.current(tx, rtype, rid, shard=self.known_shard(rtype, rid))
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         if found.deleted:
@@ -251,7 +294,7 @@ class Repository:
         if not ID_PATTERN.match(rid) or not vid.isdigit():
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         with self.reading(conn) as tx:
-            found = store.version(tx, rtype, rid, int(vid))
+            found = store.version(tx, rtype, rid, int(vid), shard=self.known_shard(rtype, rid))
         if found is None:
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         if found.deleted:
@@ -264,7 +307,11 @@ class Repository:
         """The current row even when it is a deletion (instance history needs it)."""
         self.check_type(rtype)
         with self.reading(conn) as tx:
-            found = store.current(tx, rtype, rid) if ID_PATTERN.match(rid) else None
+            found = (
+                store.current(tx, rtype, rid, shard=self.known_shard(rtype, rid))
+                if ID_PATTERN.match(rid)
+                else None
+            )
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         return found

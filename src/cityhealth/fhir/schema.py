@@ -3,7 +3,8 @@
 `resource` holds the current version of each resource, `resource_history` every version
 (deletes included), one `idx_*` table per search-parameter kind, and `compartment` the Patient
 compartment membership. Index rows carry the resource type so that every search is a range
-scan on (type, param, value).
+scan on (type, param, value). Every row of a resource carries its `shard` (sharding.py), the
+column these tables are distributed on with Citus (docs/scaling.md).
 """
 
 from sqlalchemy import (
@@ -26,10 +27,16 @@ Folded = Text().with_variant(Text(collation="C"), "postgresql")
 Key = String(64)
 RowId = BigInteger().with_variant(Integer, "sqlite")
 
+
+def _shard() -> Column[int]:
+    return Column("shard", BigInteger, nullable=False)  # sharding.shard_key of the resource
+
+
 resource = Table(
     "resource",
     metadata,
     Column("rid", RowId, primary_key=True, autoincrement=True),
+    _shard(),
     Column("type", Key, nullable=False),
     Column("id", Key, nullable=False),
     Column("version", Integer, nullable=False),
@@ -45,6 +52,7 @@ resource_history = Table(
     metadata,
     Column("rid", RowId, primary_key=True),
     Column("version", Integer, primary_key=True),
+    _shard(),
     Column("type", Key, nullable=False),
     Column("id", Key, nullable=False),
     Column("last_updated", BigInteger, nullable=False),
@@ -61,6 +69,7 @@ def _index_table(name: str, *columns: Column, lookup: tuple[str, ...]) -> Table:
         name,
         metadata,
         Column("rid", RowId, nullable=False),
+        _shard(),
         Column("rtype", Key, nullable=False),
         Column("param", Key, nullable=False),
         *columns,
@@ -138,6 +147,7 @@ compartment = Table(
     metadata,
     Column("rid", RowId, primary_key=True),
     Column("patient_id", Key, primary_key=True),
+    _shard(),
     Index("ix_compartment_patient", "patient_id"),
 )
 

@@ -1,5 +1,9 @@
 """Run a parsed search: one SQL statement for the page (keyset paging, `LIMIT n+1`), one per
-include round, and a count only when the client asks for it."""
+include round, and a count only when the client asks for it.
+
+Sort keys are correlated subqueries over the resource's own index rows (same shard, same rid);
+includes follow references to other resources through uncorrelated `(type, id) IN (SELECT …)`
+subqueries, as the distribution of the store requires (docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Connection, FromClause, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, FromClause, and_, func, or_, select, tuple_
 from sqlalchemy.sql import ColumnElement as Column
 
 from cityhealth.fhir.datetimes import MAX_US, MIN_US
@@ -36,6 +40,8 @@ _KEY_KINDS: dict[str, tuple[type, ...]] = {
 }
 #: Criteria on the resource row itself, the same for every type.
 _TYPE_FREE = frozenset({"_id", "_lastUpdated"})
+#: Where the sort keys start in a row of the page query (after rid, shard, type, id, body).
+_KEYS = 5
 #: How deep `:iterate` includes follow references.
 MAX_INCLUDE_ROUNDS = 4
 
@@ -43,6 +49,7 @@ MAX_INCLUDE_ROUNDS = 4
 @dataclass(frozen=True)
 class Hit:
     rid: int
+    shard: int
     type: str
     id: str
     body: str
@@ -98,7 +105,7 @@ class Searcher:
                 name, last_asc, last_desc = _SORT[param.type]
                 value = func.max(table.c[name]) if descending else func.min(table.c[name])
                 missing = last_desc if descending else last_asc
-            where = [table.c.rid == r.c.rid, table.c.param == code]
+            where = [table.c.shard == r.c.shard, table.c.rid == r.c.rid, table.c.param == code]
             if param.type == "string":
                 where.append(table.c.exact.is_not(None))  # pinyin forms do not sort names
             sub = select(value).where(*where).scalar_subquery()
@@ -145,7 +152,7 @@ class Searcher:
         return where
 
     def run(self, conn: Connection, request: SearchRequest, base_url: str | None) -> SearchResult:
-        builder = ClauseBuilder(self.parser, base_url)
+        builder = ClauseBuilder(self.parser, base_url, conn.dialect.name)
         r = resource.alias("r")
         where = self.where(r, request, builder)
         result = SearchResult(request)
@@ -162,6 +169,7 @@ class Searcher:
         backwards = direction == "p"
         query = select(
             r.c.rid,
+            r.c.shard,
             r.c.type,
             r.c.id,
             r.c.body,
@@ -175,10 +183,10 @@ class Searcher:
         rows = list(rows[: request.count])
         if backwards:
             rows.reverse()
-        result.matches = [Hit(row.rid, row.type, row.id, row.body) for row in rows]
+        result.matches = [Hit(row.rid, row.shard, row.type, row.id, row.body) for row in rows]
         if rows:
-            first = list(rows[0][4:])
-            last = list(rows[-1][4:])
+            first = list(rows[0][_KEYS:])
+            last = list(rows[-1][_KEYS:])
             if (more and not backwards) or (backwards and keys):
                 result.next_cursor = encode_cursor("n", last)
             if (more and backwards) or (not backwards and keys):
@@ -214,20 +222,24 @@ class Searcher:
     def _include_query(self, conn: Connection, inc: Any, sources: list[Hit]) -> list[Hit]:
         ref = idx_reference.alias()
         t = resource.alias()
-        conditions = [ref.c.rtype == inc.source_type, t.c.deleted.is_(False)]
+        conditions = [ref.c.rtype == inc.source_type]
         if inc.param is not None:
             conditions.append(ref.c.param == inc.param.code)
         if inc.target_type:
             conditions.append(ref.c.target_type == inc.target_type)
         if not inc.reverse:
-            rids = [h.rid for h in sources]
-            join = and_(t.c.type == ref.c.target_type, t.c.id == ref.c.target_id)
-            conditions.append(ref.c.rid.in_(rids))
+            # The sources' reference rows (on the sources' shards) name the targets, which
+            # may live on any shard: an uncorrelated subquery, not a join.
+            conditions.append(ref.c.shard.in_(sorted({h.shard for h in sources})))
+            conditions.append(ref.c.rid.in_([h.rid for h in sources]))
+            targets = select(ref.c.target_type, ref.c.target_id).where(*conditions)
+            query = select(t.c.rid, t.c.shard, t.c.type, t.c.id, t.c.body).where(
+                t.c.deleted.is_(False), tuple_(t.c.type, t.c.id).in_(targets)
+            )
         else:
             by_type: dict[str, list[str]] = {}
             for h in sources:
                 by_type.setdefault(h.type, []).append(h.id)
-            join = t.c.rid == ref.c.rid
             conditions.append(
                 or_(
                     *[
@@ -236,12 +248,11 @@ class Searcher:
                     ]
                 )
             )
-        query = (
-            select(t.c.rid, t.c.type, t.c.id, t.c.body)
-            .distinct()
-            .select_from(ref.join(t, join))
-            .where(*conditions)
-            .order_by(t.c.rid)
-            .limit(self.max_includes + 1)
-        )
-        return [Hit(row.rid, row.type, row.id, row.body) for row in conn.execute(query)]
+            query = (
+                select(t.c.rid, t.c.shard, t.c.type, t.c.id, t.c.body)
+                .distinct()
+                .select_from(ref.join(t, and_(t.c.shard == ref.c.shard, t.c.rid == ref.c.rid)))
+                .where(t.c.deleted.is_(False), *conditions)
+            )
+        query = query.order_by(t.c.rid).limit(self.max_includes + 1)
+        return [Hit(x.rid, x.shard, x.type, x.id, x.body) for x in conn.execute(query)]

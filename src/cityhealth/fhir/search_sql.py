@@ -1,8 +1,12 @@
 """Turn search criteria into SQL conditions on an alias of the `resource` table.
 
-Each criterion becomes `rid IN (SELECT rid FROM idx_<kind> WHERE rtype = … AND param = … AND
-(value OR value …))`, so that repeated parameters AND together and commas OR together, and so
-that every condition stays a range scan on the (rtype, param, value) index.
+Each criterion becomes `(shard, rid) IN (SELECT shard, rid FROM idx_<kind> WHERE rtype = … AND
+param = … AND (value OR value …))`, so that repeated parameters AND together and commas OR
+together, and so that every condition stays a range scan on the (rtype, param, value) index.
+
+A resource meets its own index rows on (shard, rid), which keeps the join on one shard of a
+distributed database; a reference leads to another resource, possibly on another shard, so it is
+followed with an uncorrelated `(type, id) IN (SELECT …)`, never a join (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from decimal import Decimal, InvalidOperation
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, and_, exists, false, literal, not_, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Select,
+    and_,
+    exists,
+    false,
+    literal,
+    not_,
+    or_,
+    select,
+    tuple_,
+)
 
 from cityhealth.fhir.chinese import fold
 from cityhealth.fhir.composites import composite_for
@@ -101,9 +117,21 @@ def range_condition(
     return and_(low < s_high + margin, high > s_low - margin)
 
 
+def own_rows(r: FromClause, rows: Select[Any], dialect: str) -> ColumnElement[bool]:
+    """`r` is one of the resources that `rows` (a select of their shard and rid) name.
+
+    SQLite is never distributed and gets `rid IN (SELECT rid …)`: its planner drives a search
+    from the first of several such lists but from the last of several row-value lists, and
+    clients put the narrow criterion (the patient) first."""
+    if dialect == "sqlite":
+        return r.c.rid.in_(rows.with_only_columns(rows.selected_columns.rid))
+    return tuple_(r.c.shard, r.c.rid).in_(rows)
+
+
 class ClauseBuilder:
-    def __init__(self, parser: QueryParser, base_url: str | None = None) -> None:
+    def __init__(self, parser: QueryParser, base_url: str | None, dialect: str) -> None:
         self.parser = parser
+        self.dialect = dialect
         self.definitions = parser.definitions
         self.base_url = base_url.rstrip("/") if base_url else None
 
@@ -162,8 +190,8 @@ class ClauseBuilder:
     ) -> ColumnElement[bool]:
         t = table.alias()
         matches = or_(*[build(t, v) for v in values])
-        sub = select(t.c.rid).where(t.c.rtype == rtype, t.c.param == code, matches)
-        return r.c.rid.in_(sub)
+        sub = select(t.c.shard, t.c.rid).where(t.c.rtype == rtype, t.c.param == code, matches)
+        return own_rows(r, sub, self.dialect)
 
     # -- special parameters -------------------------------------------------------------
     def _id(self, r: FromClause, modifier: str, values: tuple[str, ...]) -> ColumnElement[bool]:
@@ -177,7 +205,10 @@ class ClauseBuilder:
             raise bad_request(f"{param.code}:missing takes 'true' or 'false'")
         table = INDEX_TABLES[param.type].alias()
         present = exists().where(
-            table.c.rid == r.c.rid, table.c.rtype == rtype, table.c.param == param.code
+            table.c.shard == r.c.shard,
+            table.c.rid == r.c.rid,
+            table.c.rtype == rtype,
+            table.c.param == param.code,
         )
         return not_(present) if values[0] == "true" else present
 
@@ -196,22 +227,19 @@ class ClauseBuilder:
         target = resource.alias()
         next_code = rest.partition(".")[0].partition(":")[0]
         options = [
-            and_(ref.c.target_type == ttype, self.criterion(target, ttype, rest, values))
+            and_(target.c.type == ttype, self.criterion(target, ttype, rest, values))
             for ttype in self.parser.chain_targets(param, modifier)
             if next_code in ("_id", "_lastUpdated") or self.parser.param(ttype, next_code)
         ]
-        sub = (
-            select(ref.c.rid)
-            .select_from(
-                ref.join(
-                    target,
-                    and_(target.c.type == ref.c.target_type, target.c.id == ref.c.target_id),
-                )
-            )
-            .where(ref.c.rtype == rtype, ref.c.param == code, target.c.deleted == false())
-            .where(or_(*options) if options else false())
+        targets = select(target.c.type, target.c.id).where(
+            target.c.deleted == false(), or_(*options) if options else false()
         )
-        return r.c.rid.in_(sub)
+        sub = select(ref.c.shard, ref.c.rid).where(
+            ref.c.rtype == rtype,
+            ref.c.param == code,
+            tuple_(ref.c.target_type, ref.c.target_id).in_(targets),
+        )
+        return own_rows(r, sub, self.dialect)
 
     def _reverse_chain(
         self, r: FromClause, rtype: str, name: str, values: tuple[str, ...]
@@ -221,7 +249,9 @@ class ClauseBuilder:
         source = resource.alias()
         sub = (
             select(ref.c.target_id)
-            .select_from(ref.join(source, source.c.rid == ref.c.rid))
+            .select_from(
+                ref.join(source, and_(source.c.shard == ref.c.shard, source.c.rid == ref.c.rid))
+            )
             .where(
                 ref.c.rtype == source_type,
                 ref.c.param == ref_code,

@@ -1,13 +1,15 @@
 """Row-level writes of the FHIR store: current row, history row, index rows, compartment.
 
 The repository decides what to write; this module only knows the tables. Every function runs
-inside the caller's transaction.
+inside the caller's transaction. Every statement that touches one resource's rows names its
+`shard` as well as its `rid`, so that on a distributed database it goes to one shard, and no
+statement ever changes a row's `shard` (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Table, insert, text
@@ -49,6 +51,7 @@ class Stored:
     """One stored version of a resource."""
 
     rid: int
+    shard: int  # sharding.shard_key: the same on every row of the resource
     type: str
     id: str
     version: int
@@ -66,7 +69,7 @@ class Stored:
         return instant(self.last_updated)
 
 
-_COLUMNS = "rid, type, id, version, last_updated, deleted, body"
+_COLUMNS = "rid, shard, type, id, version, last_updated, deleted, body"
 _PG_TEXT: dict[str, str] = {}
 
 
@@ -81,25 +84,43 @@ def _run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
 
 
 def _stored(row: Any, method: str = "PUT") -> Stored:
-    rid, rtype, rid_id, version_id, updated, deleted, body = row[:7]
-    return Stored(rid, rtype, rid_id, version_id, updated, bool(deleted), body, method)
+    rid, shard, rtype, rid_id, version_id, updated, deleted, body = row[:8]
+    return Stored(rid, shard, rtype, rid_id, version_id, updated, bool(deleted), body, method)
 
 
-def current(conn: Connection, rtype: str, rid_id: str, *, lock: bool = False) -> Stored | None:
+def current(
+    conn: Connection, rtype: str, rid_id: str, *, shard: int | None = None
+) -> Stored | None:
+    """The current row of `rtype/rid_id`; `shard`, when the caller knows it, keeps the lookup
+    on one shard of a distributed database."""
     sql = f"SELECT {_COLUMNS} FROM resource WHERE type = ? AND id = ?"
-    if lock and conn.dialect.name == "postgresql":
-        sql += " FOR UPDATE"
-    row = _run(conn, sql, (rtype, rid_id)).first()
+    params: tuple[Any, ...] = (rtype, rid_id)
+    if shard is not None:
+        sql += " AND shard = ?"
+        params += (shard,)
+    row = _run(conn, sql, params).first()
     return None if row is None else _stored(row)
 
 
-def version(conn: Connection, rtype: str, rid_id: str, vid: int) -> Stored | None:
-    row = _run(
-        conn,
-        f"SELECT {_COLUMNS}, method FROM resource_history"
-        " WHERE type = ? AND id = ? AND version = ?",
-        (rtype, rid_id, vid),
-    ).first()
+def locked(conn: Connection, rtype: str, rid_id: str, shard: int) -> Stored | None:
+    """The current row of `rtype/rid_id` if it is on `shard`, locked until the transaction
+    ends (a distributed database locks rows only in a query on one shard)."""
+    sql = f"SELECT {_COLUMNS} FROM resource WHERE type = ? AND id = ? AND shard = ?"
+    if conn.dialect.name == "postgresql":
+        sql += " FOR UPDATE"
+    row = _run(conn, sql, (rtype, rid_id, shard)).first()
+    return None if row is None else _stored(row)
+
+
+def version(
+    conn: Connection, rtype: str, rid_id: str, vid: int, *, shard: int | None = None
+) -> Stored | None:
+    sql = f"SELECT {_COLUMNS}, method FROM resource_history WHERE type = ? AND id = ?"
+    params: tuple[Any, ...] = (rtype, rid_id)
+    if shard is not None:
+        sql += " AND shard = ?"
+        params += (shard,)
+    row = _run(conn, sql + " AND version = ?", (*params, vid)).first()
     return None if row is None else _stored(row, row.method)
 
 
@@ -131,7 +152,8 @@ def _bulk(
 
 
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert current rows (type, id, version, last_updated, body); their rids, in order."""
+    """Insert current rows (shard, type, id, version, last_updated, body); their rids, in
+    order."""
     if not rows:
         return []
     if conn.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
@@ -149,10 +171,18 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     if len(rows) == 1:
         row = rows[0]
         sql = (
-            "INSERT INTO resource (type, id, version, last_updated, body, deleted)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING rid"
+            "INSERT INTO resource (shard, type, id, version, last_updated, body, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING rid"
         )
-        one = (row["type"], row["id"], row["version"], row["last_updated"], row["body"], False)
+        one = (
+            row["shard"],
+            row["type"],
+            row["id"],
+            row["version"],
+            row["last_updated"],
+            row["body"],
+            False,
+        )
         return [int(_run(conn, sql, one).scalar_one())]
     result = conn.execute(
         insert(resource).returning(resource.c.rid, sort_by_parameter_order=True),
@@ -162,24 +192,61 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
 
 
 def replace_current(
-    conn: Connection, rid: int, version_id: int, last_updated: int, body: str | None
+    conn: Connection, rid: int, shard: int, version_id: int, last_updated: int, body: str | None
 ) -> None:
     _run(
         conn,
-        "UPDATE resource SET version = ?, last_updated = ?, deleted = ?, body = ? WHERE rid = ?",
-        (version_id, last_updated, body is None, body, rid),
+        "UPDATE resource SET version = ?, last_updated = ?, deleted = ?, body = ?"
+        " WHERE shard = ? AND rid = ?",
+        (version_id, last_updated, body is None, body, shard, rid),
     )
 
 
-_HISTORY_COLUMNS = ("rid", "version", "type", "id", "last_updated", "method", "deleted", "body")
+_HISTORY_COLUMNS = (
+    "rid",
+    "version",
+    "shard",
+    "type",
+    "id",
+    "last_updated",
+    "method",
+    "deleted",
+    "body",
+)
+
+
+def _history_row(v: Stored) -> tuple[Any, ...]:
+    return (v.rid, v.version, v.shard, v.type, v.id, v.last_updated, v.method, v.deleted, v.body)
 
 
 def add_history(conn: Connection, versions: list[Stored]) -> None:
-    rows = [
-        (v.rid, v.version, v.type, v.id, v.last_updated, v.method, v.deleted, v.body)
-        for v in versions
+    _bulk(conn, resource_history, _HISTORY_COLUMNS, [_history_row(v) for v in versions])
+
+
+def move(conn: Connection, previous: Stored, new: Stored) -> None:
+    """Replace the current row `previous` by `new`, which has another shard (its compartment
+    patient changed), and take the earlier versions along; the caller has cleared the index.
+
+    A distributed database cannot change a row's distribution column in place, so the rows are
+    deleted and inserted again, under the same rid."""
+    key = (previous.shard, previous.rid)
+    earlier = [
+        replace(_stored(row, row.method), shard=new.shard)
+        for row in _run(
+            conn,
+            f"SELECT {_COLUMNS}, method FROM resource_history WHERE shard = ? AND rid = ?",
+            key,
+        )
     ]
-    _bulk(conn, resource_history, _HISTORY_COLUMNS, rows)
+    _run(conn, "DELETE FROM resource_history WHERE shard = ? AND rid = ?", key)
+    _run(conn, "DELETE FROM resource WHERE shard = ? AND rid = ?", key)
+    row = (new.rid, new.shard, new.type, new.id, new.version, new.last_updated, new.deleted)
+    _run(
+        conn,
+        f"INSERT INTO resource ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (*row, new.body),
+    )
+    add_history(conn, earlier)
 
 
 _CLEARED = [*(t.name for t in INDEX_TABLES.values()), compartment.name]
@@ -187,26 +254,38 @@ _CLEARED = [*(t.name for t in INDEX_TABLES.values()), compartment.name]
 _CLEAR_ALL = (
     "WITH "
     + ", ".join(
-        f"d{n} AS (DELETE FROM {name} WHERE rid = %(rid)s)" for n, name in enumerate(_CLEARED[:-1])
+        f"d{n} AS (DELETE FROM {name} WHERE shard = %(shard)s AND rid = %(rid)s)"
+        for n, name in enumerate(_CLEARED[:-1])
     )
-    + f" DELETE FROM {_CLEARED[-1]} WHERE rid = %(rid)s"
+    + f" DELETE FROM {_CLEARED[-1]} WHERE shard = %(shard)s AND rid = %(rid)s"
 )
 
 
-def clear_index(conn: Connection, rid: int) -> None:
+def clear_index(conn: Connection, shard: int, rid: int) -> None:
     """Remove the index rows and compartment membership of one resource."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_CLEAR_ALL, {"rid": rid})
+        conn.exec_driver_sql(_CLEAR_ALL, {"shard": shard, "rid": rid})
     else:  # SQLite has no data-modifying WITH; its statements cost no round trip
         for name in _CLEARED:
-            _run(conn, f"DELETE FROM {name} WHERE rid = ?", (rid,))
+            _run(conn, f"DELETE FROM {name} WHERE shard = ? AND rid = ?", (shard, rid))
 
 
-def write_index(conn: Connection, entries: list[tuple[int, str, IndexRows, set[str]]]) -> None:
-    """Index rows and compartment membership of (rid, type, rows, patient ids) entries, one
-    statement per table for the whole batch."""
+@dataclass(frozen=True)
+class IndexEntry:
+    """What write_index stores for one resource."""
+
+    rid: int
+    shard: int
+    type: str
+    rows: IndexRows
+    patients: set[str]  # the Patient compartments it belongs to
+
+
+def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
+    """Index rows and compartment membership of the entries, one statement per table for the
+    whole batch."""
     for kind, table in INDEX_TABLES.items():
-        batch = [(rid, rtype, *v) for rid, rtype, rows, _ in entries for v in getattr(rows, kind)]
-        _bulk(conn, table, ("rid", "rtype", "param", *_INDEX_COLUMNS[kind]), batch)
-    members = [(rid, p) for rid, _, _, patients in entries for p in patients]
-    _bulk(conn, compartment, ("rid", "patient_id"), members)
+        batch = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
+        _bulk(conn, table, ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]), batch)
+    members = [(e.rid, e.shard, p) for e in entries for p in e.patients]
+    _bulk(conn, compartment, ("rid", "shard", "patient_id"), members)
