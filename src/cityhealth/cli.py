@@ -13,6 +13,7 @@ from cityhealth.config import get_settings
 from cityhealth.fhir.bulk_import import register as register_import
 from cityhealth.fhir.export_api import register as register_export
 from cityhealth.fhir.packages import PackageError, install
+from cityhealth.security.cli import users
 
 app = typer.Typer(
     help="CityHealth: the Internet + healthcare platform of a city.", no_args_is_help=True
@@ -21,6 +22,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(fhir_app, name="fhir")
+app.add_typer(users, name="users")
 register_export(app)
 register_import(app)
 

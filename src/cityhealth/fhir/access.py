@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class AccessContext:
     who: str  # e.g. "Practitioner/123", "Patient/9", "Device/his-1", "system"
-    role: str  # resident, doctor, nurse, pharmacist, regulator, admin, system …
+    role: str  # a role of cityhealth.security.roles: resident, doctor, regulator, system …
     organization: str | None = None  # "Organization/…" the caller acts for
     scopes: frozenset[str] = field(default_factory=frozenset)  # SMART scopes
+    patient: str | None = None  # "Patient/…" in context (SMART launch; a guardian's child)
+    role_kind: str | None = None  # e.g. the regulator's body: health_commission, cdc …
     purpose: str | None = None  # purpose of use (treatment, emergency, investigation …)
     break_glass: bool = False
     client_address: str | None = None

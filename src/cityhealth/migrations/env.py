@@ -5,6 +5,7 @@ from alembic import context
 from cityhealth.config import get_settings
 from cityhealth.db import Database
 from cityhealth.fhir.schema import metadata
+from cityhealth.security import schema as _security_tables  # noqa: F401 (adds its tables)
 
 config = context.config
 url = config.attributes.get("database_url") or get_settings().database_url
