@@ -137,7 +137,7 @@ class Searcher:
             where.append(r.c.type == types[0])
         elif request.types:
             where.append(r.c.type.in_(types))
-        for c in request.criteria:
+        for c in sorted(request.criteria, key=lambda c: builder.rank(types[0], c.name)):
             if len(types) == 1 or c.name.partition(":")[0] in _TYPE_FREE:
                 where.append(builder.criterion(r, types[0], c.name, c.values))
             else:

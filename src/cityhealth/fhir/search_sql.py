@@ -134,6 +134,23 @@ class ClauseBuilder:
         self.dialect = dialect
         self.definitions = parser.definitions
         self.base_url = base_url.rstrip("/") if base_url else None
+        self._driven: set[int] = set()  # aliases that already have their driving criterion
+
+    def rank(self, rtype: str, name: str) -> int:
+        """How narrow a criterion usually is (0 narrowest): searches list the narrow ones first,
+        so that SQLite, which drives a search from its first index criterion, starts there."""
+        head, dot, _ = name.partition(".")
+        code, _, modifier = head.partition(":")
+        if dot or code.startswith("_has") or modifier in ("not", "missing"):
+            return 4
+        if code == "_id" or modifier == "identifier":
+            return 0
+        param = self.parser.param(rtype, code)
+        if param is None:
+            return 4
+        if param.type == "reference" or (param.type == "token" and "identifier" in code):
+            return 0
+        return {"string": 1, "uri": 1, "token": 2}.get(param.type, 3)
 
     # -- entry point --------------------------------------------------------------------
     def criterion(
@@ -164,7 +181,7 @@ class ClauseBuilder:
             return build(t, value, modifier, param)
 
         if modifier == "not":
-            return not_(self._in_index(r, rtype, code, table, values, value_clause))
+            return not_(self._in_index(r, rtype, code, table, values, value_clause, drive=False))
         return self._in_index(r, rtype, code, table, values, value_clause)
 
     def _builders(self) -> dict[str, Callable[..., ColumnElement[bool]]]:
@@ -187,11 +204,17 @@ class ClauseBuilder:
         table: Any,
         values: tuple[str, ...],
         build: Callable[..., ColumnElement[bool]],
+        drive: bool = True,
     ) -> ColumnElement[bool]:
         t = table.alias()
         matches = or_(*[build(t, v) for v in values])
-        sub = select(t.c.shard, t.c.rid).where(t.c.rtype == rtype, t.c.param == code, matches)
-        return own_rows(r, sub, self.dialect)
+        where = (t.c.rtype == rtype, t.c.param == code, matches)
+        if self.dialect == "sqlite" and (not drive or id(r) in self._driven):
+            # SQLite builds every `rid IN (…)` list in full (all heart rates of the city, say);
+            # past the driving criterion, each candidate is checked through the rid index.
+            return exists().where(t.c.rid == r.c.rid, *where)
+        self._driven.add(id(r))
+        return own_rows(r, select(t.c.shard, t.c.rid).where(*where), self.dialect)
 
     # -- special parameters -------------------------------------------------------------
     def _id(self, r: FromClause, modifier: str, values: tuple[str, ...]) -> ColumnElement[bool]:
