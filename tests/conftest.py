@@ -81,8 +81,11 @@ def database(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def settings(database: Database) -> Settings:
-    return Settings(database_url=str(database.url.render_as_string(hide_password=False)))
+def settings(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        database_url=str(database.url.render_as_string(hide_password=False)),
+        keys_dir=tmp_path_factory.mktemp("keys"),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,12 @@ def test_docs_assets_are_served_locally(client: TestClient) -> None:
 def test_every_request_gets_a_request_id(client: TestClient) -> None:
     response = client.get("/fhir/metadata", headers={"X-Request-Id": "abc123"})
     assert response.headers["X-Request-Id"] == "abc123"
+
+
+def test_the_authorization_server_is_published(client: TestClient) -> None:
+    config = client.get("/.well-known/smart-configuration").json()
+    assert config["issuer"] == "http://127.0.0.1:8000"
+    assert config["token_endpoint"].endswith("/oauth/token")
+    assert config["code_challenge_methods_supported"] == ["S256"]
+    keys = client.get("/.well-known/jwks.json").json()["keys"]
+    assert keys and all("d" not in key and key["alg"] == "ES256" for key in keys)

@@ -31,6 +31,8 @@ from cityhealth.fhir.http import outcome_response
 from cityhealth.fhir.rest import build_router
 from cityhealth.jobs import JobRunner
 from cityhealth.request_log import RequestLog
+from cityhealth.security.oauth_api import build_oauth_router
+from cityhealth.security.setup import Security
 
 log = logging.getLogger("cityhealth.http")
 _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly"}
@@ -42,11 +44,13 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     engine = FhirEngine(db, get_definitions(), settings)
     exports = BulkExport(engine, ExportSettings.from_settings(settings))
     runner = JobRunner.from_settings(db, [exports], settings)
+    security = Security.build(settings, db)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # As many request threads as pooled connections: none waits for or opens one.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
+        await run_in_threadpool(security.rotate_keys)
         runner.start()
         try:
             yield
@@ -79,6 +83,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     # The bulk export routes go first: the FHIR router's /{type}/{id} would take their paths.
     app.include_router(build_export_router(engine, runner, exports))
     app.include_router(build_router(engine))
+    app.include_router(
+        build_oauth_router(security.accounts, security.tokens, security.keyring, security.settings)
+    )
 
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, error: FhirError) -> Response:

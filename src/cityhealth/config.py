@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     #: Most results an _include / _revinclude may add to one page.
     search_max_includes: int = 1000
     log_level: str = "info"
+    #: Public URL of the platform: the issuer of its access tokens (…/fhir is their audience).
+    public_url: str = "http://127.0.0.1:8000"
+    #: Signing keys of access tokens; made on first start, rotated every `key_rotation_days`.
+    keys_dir: Path | None = None  # default: var_dir / "keys"
+    key_rotation_days: int = 30
+    access_token_minutes: int = 5
+    refresh_token_days: int = 30
+    session_idle_minutes: int = 30
+    password_min_length: int = 8
+    password_max_age_days: int = 90
+    password_history: int = 5
+    lockout_failures: int = 5
+    lockout_minutes: int = 15
     #: Hours a finished export (its job and files) is kept.
     export_retention_hours: int = 24
     #: Resources per NDJSON file; a larger type continues in Type.2.ndjson, …

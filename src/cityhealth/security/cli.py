@@ -21,6 +21,7 @@ from cityhealth.security.accounts import Account, Accounts
 from cityhealth.security.clients import CONFIDENTIAL
 from cityhealth.security.passwords import LoginState, is_locked
 from cityhealth.security.roles import ROLES
+from cityhealth.security.setup import security_settings
 
 users = typer.Typer(help="Accounts and OAuth clients.", no_args_is_help=True)
 
@@ -42,7 +43,7 @@ def _accounts() -> Iterator[Accounts]:
         _fail(f"cannot prepare the database: {error}")
     db = Database(settings.database_url, pool_size=1)
     try:
-        yield Accounts(db)
+        yield Accounts(db, security_settings(settings))
     except ValueError as error:  # AccountError, ClientError: the reason, in one line
         _fail(str(error))
     finally:
