@@ -73,7 +73,9 @@ def _index_table(name: str, *columns: Column, lookup: tuple[str, ...]) -> Table:
         Column("rtype", Key, nullable=False),
         Column("param", Key, nullable=False),
         *columns,
-        Index(f"ix_{name}_lookup", "rtype", "param", *lookup),
+        # Covering on PostgreSQL: a search page is picked from the index alone (index-only
+        # scan) before any resource row is read.
+        Index(f"ix_{name}_lookup", "rtype", "param", *lookup, postgresql_include=["shard", "rid"]),
         Index(f"ix_{name}_rid", "rid"),
     )
 

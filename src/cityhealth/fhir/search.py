@@ -19,7 +19,7 @@ from cityhealth.fhir.datetimes import MAX_US, MIN_US
 from cityhealth.fhir.errors import bad_request
 from cityhealth.fhir.schema import INDEX_TABLES, idx_reference, resource
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
-from cityhealth.fhir.search_sql import MAX_CHAR, ClauseBuilder
+from cityhealth.fhir.search_sql import MAX_CHAR, ClauseBuilder, PageHint
 
 #: Sort column and the values that put resources without one last, per parameter type.
 _SORT = {
@@ -152,21 +152,25 @@ class Searcher:
         return where
 
     def run(self, conn: Connection, request: SearchRequest, base_url: str | None) -> SearchResult:
-        builder = ClauseBuilder(self.parser, base_url, conn.dialect.name)
         r = resource.alias("r")
-        where = self.where(r, request, builder)
         result = SearchResult(request)
         if (
             request.total in ("accurate", "estimate")
             or request.summary == "count"
             or not request.count
         ):
+            where = self.where(r, request, ClauseBuilder(self.parser, base_url, conn.dialect.name))
             result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar()
         if request.summary == "count" or request.count == 0:
             return result
         columns = self._sort_columns(r, request)
         direction, keys = decode_cursor(request.cursor) if request.cursor else ("n", [])
         backwards = direction == "p"
+        builder = ClauseBuilder(self.parser, base_url, conn.dialect.name)
+        single = len(request.criteria) == 1 and len(self.parser.searched_types(request)) == 1
+        if single and len(columns) == 1 and all(isinstance(k, int) for k in keys):
+            builder.page = PageHint(r, request.count + 1, keys[0] if keys else None, backwards)
+        where = self.where(r, request, builder)
         query = select(
             r.c.rid,
             r.c.shard,

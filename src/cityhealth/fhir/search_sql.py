@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import SimpleNamespace
 from typing import Any
@@ -128,6 +129,26 @@ def own_rows(r: FromClause, rows: Select[Any], dialect: str) -> ColumnElement[bo
     return tuple_(r.c.shard, r.c.rid).in_(rows)
 
 
+@dataclass(frozen=True)
+class PageHint:
+    """A search with one index criterion, in the default order (by rid), takes its page from
+    the index rows alone: they exist only for current, live resources of their type (a write
+    replaces them in its transaction), so the first rids of the index are the first matches.
+    Without this a frequent surname (9,000 of 100,000 patients) reads every match's resource
+    row before the page is cut."""
+
+    alias: FromClause
+    limit: int
+    after: int | None  # the cursor's rid
+    backwards: bool
+
+    def restrict(self, rows: Select[Any], t: FromClause) -> Select[Any]:
+        if self.after is not None:
+            rows = rows.where(t.c.rid < self.after if self.backwards else t.c.rid > self.after)
+        order = t.c.rid.desc() if self.backwards else t.c.rid.asc()
+        return rows.distinct().order_by(order).limit(self.limit)
+
+
 class ClauseBuilder:
     def __init__(self, parser: QueryParser, base_url: str | None, dialect: str) -> None:
         self.parser = parser
@@ -135,6 +156,7 @@ class ClauseBuilder:
         self.definitions = parser.definitions
         self.base_url = base_url.rstrip("/") if base_url else None
         self._driven: set[int] = set()  # aliases that already have their driving criterion
+        self.page: PageHint | None = None
 
     def rank(self, rtype: str, name: str) -> int:
         """How narrow a criterion usually is (0 narrowest): searches list the narrow ones first,
@@ -214,7 +236,10 @@ class ClauseBuilder:
             # past the driving criterion, each candidate is checked through the rid index.
             return exists().where(t.c.rid == r.c.rid, *where)
         self._driven.add(id(r))
-        return own_rows(r, select(t.c.shard, t.c.rid).where(*where), self.dialect)
+        rows = select(t.c.shard, t.c.rid).where(*where)
+        if self.page is not None and self.page.alias is r:
+            rows = self.page.restrict(rows, t)
+        return own_rows(r, rows, self.dialect)
 
     # -- special parameters -------------------------------------------------------------
     def _id(self, r: FromClause, modifier: str, values: tuple[str, ...]) -> ColumnElement[bool]:
