@@ -144,11 +144,14 @@ def _bulk(
 ) -> None:
     if not rows:
         return
-    if conn.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
+    insert = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+    marks = f"({', '.join('?' * len(columns))})"
+    if conn.dialect.name != "postgresql":
+        _run(conn, insert + marks, rows)  # sqlite3's executemany loops in C
+    elif len(rows) >= COPY_THRESHOLD:
         _copy(conn, table, columns, rows)
-    else:
-        marks = ", ".join("?" * len(columns))
-        _run(conn, f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})", rows)
+    else:  # one statement, not one per row as psycopg's executemany sends
+        _run(conn, insert + ", ".join([marks] * len(rows)), tuple(v for row in rows for v in row))
 
 
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
