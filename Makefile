@@ -16,6 +16,7 @@ $(BIN)/cityhealth: pyproject.toml constraints.txt
 
 install: $(BIN)/cityhealth
 	$(BIN)/cityhealth fhir install $(FHIR_CORE)
+	$(BIN)/cityhealth portal install-assets
 
 run: install
 	$(BIN)/cityhealth serve

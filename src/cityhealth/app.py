@@ -30,6 +30,7 @@ from cityhealth.fhir.export_api import build_export_router
 from cityhealth.fhir.http import outcome_response
 from cityhealth.fhir.rest import build_router
 from cityhealth.jobs import JobRunner
+from cityhealth.portal import register_portal
 from cityhealth.request_log import RequestLog
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(
         build_oauth_router(security.accounts, security.tokens, security.keyring, security.settings)
     )
+    register_portal(app, engine, security, settings)
 
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, error: FhirError) -> Response:

@@ -13,6 +13,7 @@ from cityhealth.config import get_settings
 from cityhealth.fhir.bulk_import import register as register_import
 from cityhealth.fhir.export_api import register as register_export
 from cityhealth.fhir.packages import PackageError, install
+from cityhealth.portal.assets import commands as portal_commands
 from cityhealth.security.cli import users
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(fhir_app, name="fhir")
 app.add_typer(users, name="users")
+app.add_typer(portal_commands, name="portal")
 register_export(app)
 register_import(app)
 

@@ -51,25 +51,31 @@ def _verify(tarball: Path, spec: str, integrity: str | None) -> None:
             raise PackageError(f"{spec}: sha512 integrity mismatch")
 
 
+def npm_pack(spec: str, destination: Path) -> tuple[Path, str | None]:
+    """Download NAME@VERSION's tarball from the npm registry into `destination`; its path and
+    the registry's integrity string."""
+    if shutil.which("npm") is None:
+        raise PackageError(f"npm is needed to fetch {spec}; install Node.js and npm")
+    proc = subprocess.run(
+        ["npm", "pack", spec, "--json", "--pack-destination", str(destination)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise PackageError(f"npm pack {spec} failed: {proc.stderr.strip()[-500:]}")
+    info = json.loads(proc.stdout)[0]
+    return destination / info["filename"], info.get("integrity")
+
+
 def install(cache: Path, spec: str, force: bool = False) -> Path:
     """Fetch NAME@VERSION with `npm pack`, verify its checksum and unpack it into the cache."""
     target = package_dir(cache, spec)
     if is_installed(cache, spec) and not force:
         return target
-    if shutil.which("npm") is None:
-        raise PackageError("npm is needed to fetch FHIR packages; install Node.js and npm")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            ["npm", "pack", spec, "--json", "--pack-destination", tmp],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise PackageError(f"npm pack {spec} failed: {proc.stderr.strip()[-500:]}")
-        info = json.loads(proc.stdout)[0]
-        tarball = Path(tmp) / info["filename"]
-        _verify(tarball, spec, info.get("integrity"))
+        tarball, integrity = npm_pack(spec, Path(tmp))
+        _verify(tarball, spec, integrity)
         staging = Path(tmp) / "unpacked"
         with tarfile.open(tarball) as tar:
             tar.extractall(staging, filter="data")
