@@ -155,6 +155,30 @@ def list_accounts() -> None:
     Console(width=160).print(table)
 
 
+@users.command("demo")
+def demo() -> None:
+    """Create one demo account per role (and a hospital system client) and print their
+    passwords, which are shown only this once."""
+    from cityhealth.fhir.definitions import get_definitions
+    from cityhealth.fhir.engine import FhirEngine
+    from cityhealth.security.demo_accounts import create_demo_accounts
+
+    with _accounts() as accounts:
+        engine = FhirEngine(accounts.db, get_definitions(), get_settings())
+        made = create_demo_accounts(engine, accounts)
+    table = Table("username", "role", "password / client secret", "fhirUser", "organization")
+    for item in made:
+        role = ROLES[item.role]
+        table.add_row(
+            item.username,
+            f"{item.role} {role.name_zh}",
+            item.secret or "(exists; not shown again)",
+            item.fhir_user,
+            item.organization or "",
+        )
+    Console(width=240).print(table)
+
+
 def _state(account: Account, now: datetime) -> str:
     if not account.active:
         return "inactive"
