@@ -285,45 +285,10 @@ class IndexEntry:
 
 
 def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
-    """Index rows and compartment membership of the entries: one statement per table for the
-    whole batch, and on PostgreSQL the small batches of all tables in a single statement."""
-    batches = [
-        (
-            table,
-            ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]),
-            [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)],
-        )
-        for kind, table in INDEX_TABLES.items()
-    ]
+    """Index rows and compartment membership of the entries, one statement per table for the
+    whole batch."""
+    for kind, table in INDEX_TABLES.items():
+        batch = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
+        _bulk(conn, table, ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]), batch)
     members = [(e.rid, e.shard, p) for e in entries for p in e.patients]
-    batches.append((compartment, ("rid", "shard", "patient_id"), members))
-    batches = [batch for batch in batches if batch[2]]
-    if conn.dialect.name != "postgresql":
-        for table, columns, rows in batches:
-            _bulk(conn, table, columns, rows)
-        return
-    small = []
-    for table, columns, rows in batches:
-        if len(rows) >= COPY_THRESHOLD:
-            _copy(conn, table, columns, rows)
-        else:
-            small.append((table, columns, rows))
-    if small:
-        _insert_all(conn, small)
-
-
-def _insert_all(
-    conn: Connection, batches: list[tuple[Table, tuple[str, ...], list[tuple[Any, ...]]]]
-) -> None:
-    """Rows of several tables in one PostgreSQL statement (data-modifying WITH): one round trip
-    for a write's index instead of one per table."""
-    parts: list[str] = []
-    params: list[Any] = []
-    for table, columns, rows in batches:
-        marks = f"({', '.join('?' * len(columns))})"
-        values = ", ".join([marks] * len(rows))
-        parts.append(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}")
-        params.extend(v for row in rows for v in row)
-    *first, last = parts
-    sql = ", ".join(f"w{n} AS ({part})" for n, part in enumerate(first))
-    _run(conn, f"WITH {sql} {last}" if first else last, tuple(params))
+    _bulk(conn, compartment, ("rid", "shard", "patient_id"), members)
