@@ -14,7 +14,7 @@ from cityhealth.fhir.bulk_import import register as register_import
 from cityhealth.fhir.export_api import register as register_export
 from cityhealth.fhir.packages import PackageError, install
 from cityhealth.portal.assets import commands as portal_commands
-from cityhealth.security.cli import users
+from cityhealth.security.cli import audit, users
 
 app = typer.Typer(
     help="CityHealth: the Internet + healthcare platform of a city.", no_args_is_help=True
@@ -24,6 +24,7 @@ fhir_app = typer.Typer(help="FHIR packages.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(fhir_app, name="fhir")
 app.add_typer(users, name="users")
+app.add_typer(audit, name="audit")
 app.add_typer(portal_commands, name="portal")
 register_export(app)
 register_import(app)

@@ -184,3 +184,27 @@ def _state(account: Account, now: datetime) -> str:
         return "inactive"
     locked = is_locked(LoginState(account.failures, account.locked_until), now)
     return "locked" if locked else "active"
+
+
+audit = typer.Typer(help="The audit trail.", no_args_is_help=True)
+
+
+@audit.callback()
+def audit_commands() -> None:
+    """The audit trail."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Check the audit trail's hash chain; name every altered, removed, reordered or
+    slipped-in event and exit 1 if there is any."""
+    from cityhealth.security.audit import verify
+
+    with _accounts() as accounts:
+        problems = verify(accounts.db)
+    for problem in problems:
+        where = f"seq {problem.seq}" if problem.seq is not None else "outside the chain"
+        typer.echo(f"{where}: {problem.event}: {problem.what}")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("audit trail intact")

@@ -151,6 +151,20 @@ revoked_token = Table(
     Index("ix_revoked_token_expires", "expires_at"),
 )
 
+# The audit trail's hash chain: one row per AuditEvent, in order; each row's hash covers the
+# previous row's hash and the event's exact stored text (cityhealth.security.audit).
+audit_chain = Table(
+    "audit_chain",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(64), nullable=False, unique=True),  # AuditEvent/<id>
+    Column("recorded_at", BigInteger, nullable=False),
+    Column("body_digest", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_chain_recorded", "recorded_at"),
+)
+
 TABLES = (
     account,
     account_password_history,
@@ -160,6 +174,7 @@ TABLES = (
     oauth_code,
     refresh_token,
     revoked_token,
+    audit_chain,
 )
 
 

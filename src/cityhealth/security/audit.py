@@ -1,0 +1,137 @@
+"""The audit trail: AuditEvent resources, chained by hashes so that no change goes unnoticed.
+
+Each AuditEvent is stored through the repository (residents and auditors search it like any
+resource) and, in the same transaction, gets the next row of `audit_chain`: its sequence number,
+the SHA-256 of its exact stored text, the previous row's hash and its own hash over all of
+these. `verify` walks the chain and names every place where an event was altered, removed,
+reordered or slipped in beside the chain.
+
+A chain alone cannot show that its newest rows were cut off; the head's hash is logged at
+every append so that an outside copy of the log anchors it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, select, text
+
+from cityhealth.db import Database
+from cityhealth.fhir import store
+from cityhealth.fhir.access import SYSTEM
+from cityhealth.fhir.repository import Repository
+from cityhealth.fhir.schema import resource
+from cityhealth.fhir.store import Stored
+from cityhealth.security.schema import audit_chain
+
+log = logging.getLogger("cityhealth.audit")
+
+GENESIS = "0" * 64
+_LOCK = 7_220_419  # PostgreSQL advisory lock key: one appender at a time
+_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Problem:
+    seq: int | None  # where in the chain; None for an event outside it
+    event: str  # AuditEvent/<id>
+    what: str
+
+
+def digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def link(prev_hash: str, seq: int, event: str, recorded_at: int, body_digest: str) -> str:
+    """The hash of one chain row."""
+    material = f"{prev_hash}|{seq}|{event}|{recorded_at}|{body_digest}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> Stored:
+    """Store an AuditEvent and chain it, inside the caller's transaction: the action and its
+    record commit or fail together."""
+    stored = repository.create(SYSTEM, event, "AuditEvent", conn=conn).stored
+    if conn.dialect.name == "postgresql":
+        # SQLite's write lock already serializes; PostgreSQL writers take turns here.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+    head = conn.execute(
+        select(audit_chain.c.seq, audit_chain.c.hash).order_by(audit_chain.c.seq.desc()).limit(1)
+    ).first()
+    seq, prev_hash = (head.seq + 1, head.hash) if head else (1, GENESIS)
+    event_ref = f"AuditEvent/{stored.id}"
+    body_digest = digest(stored.body or "")
+    row_hash = link(prev_hash, seq, event_ref, stored.last_updated, body_digest)
+    conn.execute(
+        audit_chain.insert().values(
+            seq=seq,
+            event_id=event_ref,
+            recorded_at=stored.last_updated,
+            body_digest=body_digest,
+            prev_hash=prev_hash,
+            hash=row_hash,
+        )
+    )
+    log.info("audit chain head %s %s", seq, row_hash)
+    return stored
+
+
+def verify(db: Database) -> list[Problem]:
+    """Every place where the trail differs from what was recorded; empty when it is intact."""
+    problems: list[Problem] = []
+    chained: set[str] = set()
+    expected_seq, prev_hash = 1, GENESIS
+    with db.read() as conn:
+        for row in _chain_rows(conn):
+            chained.add(row.event_id)
+            if row.seq != expected_seq:
+                problems.append(
+                    Problem(row.seq, row.event_id, f"rows {expected_seq}–{row.seq - 1} are missing")
+                )
+            if row.prev_hash != prev_hash:
+                problems.append(
+                    Problem(row.seq, row.event_id, "does not follow the previous row (reordered?)")
+                )
+            recorded = link(row.prev_hash, row.seq, row.event_id, row.recorded_at, row.body_digest)
+            if recorded != row.hash:
+                problems.append(Problem(row.seq, row.event_id, "chain row altered"))
+            problems.extend(_check_event(conn, row))
+            expected_seq, prev_hash = row.seq + 1, row.hash
+        for event_id in _stored_events(conn):
+            if event_id not in chained:
+                problems.append(Problem(None, event_id, "stored outside the audit trail"))
+    return problems
+
+
+def _chain_rows(conn: Connection) -> Iterator[Any]:
+    after = 0
+    while True:
+        rows = conn.execute(
+            select(audit_chain)
+            .where(audit_chain.c.seq > after)
+            .order_by(audit_chain.c.seq)
+            .limit(_BATCH)
+        ).all()
+        yield from rows
+        if len(rows) < _BATCH:
+            return
+        after = rows[-1].seq
+
+
+def _check_event(conn: Connection, row: Any) -> list[Problem]:
+    current = store.current(conn, "AuditEvent", row.event_id.removeprefix("AuditEvent/"))
+    if current is None or current.deleted:
+        return [Problem(row.seq, row.event_id, "event removed")]
+    if current.version != 1 or digest(current.body or "") != row.body_digest:
+        return [Problem(row.seq, row.event_id, "event altered")]
+    return []
+
+
+def _stored_events(conn: Connection) -> Iterator[str]:
+    query = select(resource.c.id).where(resource.c.type == "AuditEvent")
+    for (rid_id,) in conn.execute(query):
+        yield f"AuditEvent/{rid_id}"
