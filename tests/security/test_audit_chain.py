@@ -3,10 +3,13 @@ slipped-in event, on both databases."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -88,12 +91,35 @@ def test_an_altered_event_is_named(engine: FhirEngine, chained: list[str], tampe
     ]
 
 
-def test_an_event_deleted_through_the_api_is_named(
-    engine: FhirEngine, chained: list[str], tampering: Any
-) -> None:
-    engine.repository.delete(SYSTEM, "AuditEvent", chained[0])
+def test_a_deleted_event_is_named(engine: FhirEngine, chained: list[str], tampering: Any) -> None:
+    _run(tampering, f"UPDATE resource SET deleted = :d WHERE {_EVENT}", d=True, i=chained[0])
     problems = audit.verify(engine.db)
     assert [(p.seq, p.what) for p in problems] == [(1, "event removed")]
+
+
+def test_the_api_appends_and_chains_but_never_changes(
+    engine: FhirEngine, chained: list[str], client: TestClient
+) -> None:
+    posted = client.post("/fhir/AuditEvent", json=_event(30))
+    assert posted.status_code == 201
+    new_id = f"his-{uuid.uuid4().hex[:8]}"  # a hospital forwarding its own record: appending
+    put = client.put(f"/fhir/AuditEvent/{new_id}", json={**_event(31), "id": new_id})
+    assert put.status_code == 201
+    event = posted.json()
+    event["outcome"] = "8"
+    assert client.put(f"/fhir/AuditEvent/{event['id']}", json=event).status_code == 405
+    patch = [{"op": "replace", "path": "/outcome", "value": "8"}]
+    response = client.patch(
+        f"/fhir/AuditEvent/{event['id']}",
+        content=json.dumps(patch),
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert response.status_code == 405
+    assert client.delete(f"/fhir/AuditEvent/{event['id']}").status_code == 405
+    assert audit.verify(engine.db) == []  # the posted event is in the chain, unchanged
+    statement = client.get("/fhir/metadata").json()
+    (entry,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "AuditEvent"]
+    assert {i["code"] for i in entry["interaction"]}.isdisjoint({"update", "patch", "delete"})
 
 
 def test_a_removed_row_is_found(engine: FhirEngine, chained: list[str], tampering: Any) -> None:

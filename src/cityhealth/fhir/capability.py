@@ -8,6 +8,7 @@ from typing import Any
 from cityhealth import __version__
 from cityhealth.fhir.composites import composite_for
 from cityhealth.fhir.definitions import FHIR_VERSION, Definitions
+from cityhealth.fhir.repository import APPEND_ONLY
 from cityhealth.fhir.search_parse import REFUSED, SUPPORTED_TYPES
 
 TYPE_INTERACTIONS = (
@@ -50,7 +51,11 @@ def _resource_entry(definitions: Definitions, rtype: str) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "type": rtype,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
-        "interaction": [{"code": code} for code in TYPE_INTERACTIONS],
+        "interaction": [
+            {"code": code}
+            for code in TYPE_INTERACTIONS
+            if rtype not in APPEND_ONLY or code not in ("update", "patch", "delete")
+        ],
         "versioning": "versioned",
         "readHistory": True,
         "updateCreate": True,

@@ -29,6 +29,17 @@ from cityhealth.fhir.indexing import Indexer, IndexRows
 from cityhealth.fhir.sharding import shard_key
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
+from cityhealth.security import audit as audit_chain
+
+#: Records of access: added (and chained, cityhealth.security.audit), never changed or deleted.
+APPEND_ONLY = frozenset({"AuditEvent"})
+
+
+def append_only(rtype: str) -> FhirError:
+    return FhirError(
+        405, "not-supported", f"{rtype} is append-only: it is never changed or deleted"
+    )
+
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -182,6 +193,9 @@ class Repository:
             index.append(IndexEntry(row_id, shard, rtype, rows, patients))
         store.add_history(conn, written)
         store.write_index(conn, index)
+        for stored in written:
+            if stored.type in APPEND_ONLY:
+                audit_chain.append(conn, stored)
         return written
 
     def create(
@@ -244,6 +258,8 @@ class Repository:
         indexed = self._index(resource, rtype, rid)
         with self.transaction(conn) as tx:
             previous = self._lock(tx, rtype, rid, indexed.shard)
+            if previous is not None and rtype in APPEND_ONLY:
+                raise append_only(rtype)
             if if_match is not None and (previous is None or previous.version != if_match):
                 have = "none" if previous is None or previous.deleted else previous.version
                 raise precondition_failed(
@@ -262,6 +278,8 @@ class Repository:
             previous = self._lock(tx, rtype, rid, self.known_shard(rtype, rid))
             if previous is None or previous.deleted:
                 return None
+            if rtype in APPEND_ONLY:
+                raise append_only(rtype)
             us = now_us()
             shard = previous.shard  # a deleted resource stays where it was
             stored = Stored(

@@ -16,17 +16,19 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select, text
 
 from cityhealth.db import Database
 from cityhealth.fhir import store
 from cityhealth.fhir.access import SYSTEM
-from cityhealth.fhir.repository import Repository
 from cityhealth.fhir.schema import resource
 from cityhealth.fhir.store import Stored
 from cityhealth.security.schema import audit_chain
+
+if TYPE_CHECKING:
+    from cityhealth.fhir.repository import Repository
 
 log = logging.getLogger("cityhealth.audit")
 
@@ -53,9 +55,13 @@ def link(prev_hash: str, seq: int, event: str, recorded_at: int, body_digest: st
 
 
 def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> Stored:
-    """Store an AuditEvent and chain it, inside the caller's transaction: the action and its
-    record commit or fail together."""
-    stored = repository.create(SYSTEM, event, "AuditEvent", conn=conn).stored
+    """Store an AuditEvent inside the caller's transaction: the action and its record commit or
+    fail together (the repository chains every AuditEvent it writes)."""
+    return repository.create(SYSTEM, event, "AuditEvent", conn=conn).stored
+
+
+def append(conn: Connection, stored: Stored) -> None:
+    """Chain a newly written AuditEvent, in the transaction that writes it."""
     if conn.dialect.name == "postgresql":
         # SQLite's write lock already serializes; PostgreSQL writers take turns here.
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
@@ -77,7 +83,6 @@ def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> S
         )
     )
     log.info("audit chain head %s %s", seq, row_hash)
-    return stored
 
 
 def verify(db: Database) -> list[Problem]:
