@@ -29,23 +29,11 @@ from cityhealth.security.keys import KeyRing
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security, security_settings
 from cityhealth.security.tokens import TokenService
+from manual_clock import ManualClock
 
 PASSWORD = "Zhongwei-2026"
 PUBLIC_URL = "http://testserver"
 _HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
-
-
-class Clock:
-    """The time of accounts, sessions and grants; tests move it forward."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 @dataclass
@@ -54,7 +42,7 @@ class PortalEnv:
     engine: FhirEngine
     security: Security
     portal: Portal
-    clock: Clock
+    clock: ManualClock
     settings: Settings
 
     @property
@@ -81,7 +69,7 @@ def build_env(
         keys_dir=tmp / "keys",
         public_url=public_url,
     )
-    clock = Clock()
+    clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
     config = security_settings(settings)
     keyring = KeyRing.load_or_create(tmp / "keys", clock)
     tokens = TokenService(

@@ -40,29 +40,19 @@ from cityhealth.security.schema import TABLES, oauth_client
 from cityhealth.security.schema import account as account_table
 from cityhealth.security.scopes import allows, parse_scopes
 from cityhealth.security.tokens import token_digest
+from manual_clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 GOOD = "Zhongwei-2026"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def accounts(database: Database, clock: Clock) -> Accounts:
+def accounts(database: Database, clock: ManualClock) -> Accounts:
     return Accounts(database, clock=clock)
 
 
@@ -177,7 +167,7 @@ def test_login_outcomes_and_their_reasons(accounts: Accounts) -> None:
 
 
 def test_five_failures_lock_the_account_for_fifteen_minutes(
-    accounts: Accounts, clock: Clock
+    accounts: Accounts, clock: ManualClock
 ) -> None:
     name = resident(accounts)
     for attempt in range(5):
@@ -205,7 +195,7 @@ def test_a_good_login_ends_a_run_of_failures(accounts: Accounts) -> None:
     assert accounts.authenticate(name, GOOD).outcome == OK
 
 
-def test_an_expired_password_must_be_changed(accounts: Accounts, clock: Clock) -> None:
+def test_an_expired_password_must_be_changed(accounts: Accounts, clock: ManualClock) -> None:
     name = resident(accounts)
     clock.advance(days=89)
     assert accounts.authenticate(name, GOOD).outcome == OK
@@ -330,7 +320,7 @@ def test_client_registration_rules(accounts: Accounts) -> None:
         )
 
 
-def test_sessions_expire_after_thirty_idle_minutes(accounts: Accounts, clock: Clock) -> None:
+def test_sessions_expire_after_thirty_idle_minutes(accounts: Accounts, clock: ManualClock) -> None:
     account = accounts.account_by_username(resident(accounts))
     assert account is not None
     session = token_digest(accounts.create_session(account.id))

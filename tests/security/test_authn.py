@@ -28,6 +28,7 @@ from cityhealth.security.authn import (
 from cityhealth.security.keys import KeyRing
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.tokens import TokenService, token_digest
+from manual_clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 SETTINGS = SecuritySettings(
@@ -36,20 +37,12 @@ SETTINGS = SecuritySettings(
 PASSWORD = "Zhongwei-2026"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @dataclass
 class Env:
     http: TestClient
     accounts: Accounts
     tokens: TokenService
-    clock: Clock
+    clock: ManualClock
 
 
 @pytest.fixture
@@ -57,7 +50,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     url = f"sqlite:///{tmp_path / 'authn.db'}"
     upgrade(url)
     db = Database(url, pool_size=2)
-    clock = Clock()
+    clock = ManualClock(T0)
     accounts = Accounts(db, SETTINGS, clock)
     keyring = KeyRing.load_or_create(tmp_path / "keys", clock)
     tokens = TokenService(keyring, SETTINGS.issuer, SETTINGS.audience, clock=clock)

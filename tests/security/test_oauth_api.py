@@ -10,7 +10,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +26,7 @@ from cityhealth.security.accounts import Accounts, SecuritySettings
 from cityhealth.security.keys import KeyRing
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.tokens import AccessClaims, TokenService, pkce_challenge
+from manual_clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 ISSUER = "https://health.zhongwei.example"
@@ -36,24 +37,13 @@ PASSWORD = "Zhongwei-2026"
 RESIDENT_SCOPE = "patient/*.* launch/patient offline_access"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
 @dataclass
 class Env:
     http: TestClient
     accounts: Accounts
     tokens: TokenService
     keyring: KeyRing
-    clock: Clock
+    clock: ManualClock
     his_secret: str
 
 
@@ -67,7 +57,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_env(template: Path, tmp_path: Path, settings: SecuritySettings) -> Iterator[Env]:
     shutil.copy(template, tmp_path / "oauth.db")
     db = Database(f"sqlite:///{tmp_path / 'oauth.db'}", pool_size=2)
-    clock = Clock()
+    clock = ManualClock(T0)
     accounts = Accounts(db, settings, clock)
     keyring = KeyRing.load_or_create(tmp_path / "keys", clock)
     tokens = TokenService(

@@ -24,32 +24,25 @@ from cityhealth.security.tokens import (
     token_digest,
     verify_pkce,
 )
+from manual_clock import ManualClock
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 ISSUER = "https://health.zhongwei.example/oauth"
 AUDIENCE = "https://health.zhongwei.example/fhir"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ring(tmp_path: Path, clock: Clock) -> KeyRing:
+def ring(tmp_path: Path, clock: ManualClock) -> KeyRing:
     return KeyRing.load_or_create(tmp_path / "keys", clock)
 
 
 @pytest.fixture
-def service(ring: KeyRing, clock: Clock) -> TokenService:
+def service(ring: KeyRing, clock: ManualClock) -> TokenService:
     return TokenService(ring, ISSUER, AUDIENCE, clock=clock)
 
 
@@ -117,7 +110,7 @@ def test_optional_claims_are_left_out_and_jti_is_unique(service: TokenService) -
     assert payload_of(first)["jti"] != payload_of(issue(service))["jti"]
 
 
-def test_access_lifetime_is_a_setting(ring: KeyRing, clock: Clock) -> None:
+def test_access_lifetime_is_a_setting(ring: KeyRing, clock: ManualClock) -> None:
     service = TokenService(ring, ISSUER, AUDIENCE, access_minutes=15, clock=clock)
     claims = service.verify_access_token(issue(service))
     assert claims.expires_at - claims.issued_at == timedelta(minutes=15)
@@ -196,7 +189,7 @@ def test_garbage_is_refused(service: TokenService, garbage: str) -> None:
     rejected(service, garbage)
 
 
-def test_expiry_with_ten_seconds_of_leeway(service: TokenService, clock: Clock) -> None:
+def test_expiry_with_ten_seconds_of_leeway(service: TokenService, clock: ManualClock) -> None:
     token = issue(service)
     clock.now = T0 + timedelta(minutes=5, seconds=9)
     service.verify_access_token(token)
@@ -204,7 +197,7 @@ def test_expiry_with_ten_seconds_of_leeway(service: TokenService, clock: Clock) 
     assert rejected(service, token) == "expired"
 
 
-def test_not_yet_valid(service: TokenService, clock: Clock) -> None:
+def test_not_yet_valid(service: TokenService, clock: ManualClock) -> None:
     token = issue(service)
     clock.now = T0 - timedelta(seconds=10)
     service.verify_access_token(token)
@@ -212,7 +205,7 @@ def test_not_yet_valid(service: TokenService, clock: Clock) -> None:
     assert rejected(service, token) == "not yet valid"
 
 
-def test_wrong_audience_or_issuer(service: TokenService, ring: KeyRing, clock: Clock) -> None:
+def test_wrong_audience_or_issuer(service: TokenService, ring: KeyRing, clock: ManualClock) -> None:
     token = issue(service)
     other_audience = TokenService(ring, ISSUER, "https://other.example/fhir", clock=clock)
     assert rejected(other_audience, token) == "wrong audience"
@@ -258,7 +251,7 @@ def test_revocation_hook(service: TokenService) -> None:
 
 
 def test_tokens_survive_rotation_until_their_key_is_pruned(
-    service: TokenService, ring: KeyRing, clock: Clock
+    service: TokenService, ring: KeyRing, clock: ManualClock
 ) -> None:
     old_token = issue(service)
     clock.now = T0 + timedelta(minutes=1)
