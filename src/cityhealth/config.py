@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     password_history: int = 5
     lockout_failures: int = 5
     lockout_minutes: int = 15
+    #: Minutes an emergency (break-glass) declaration opens a patient's record to its declarer.
+    break_glass_minutes: int = 120
     #: Hours a finished export (its job and files) is kept.
     export_retention_hours: int = 24
     #: Resources per NDJSON file; a larger type continues in Type.2.ndjson, …

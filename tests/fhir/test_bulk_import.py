@@ -50,7 +50,7 @@ def write_lines(path: Path, lines: list[Any]) -> Path:
 
 def ids_of_family(engine: FhirEngine, family: str) -> list[str]:
     with engine.db.read() as conn:
-        return [hit.id for hit in engine.find(conn, "Patient", f"family={family}")]
+        return [hit.id for hit in engine.find(SYSTEM, conn, "Patient", f"family={family}")]
 
 
 def test_a_failed_transaction_stores_nothing_and_the_next_file_still_imports(
@@ -179,7 +179,7 @@ def test_ndjson_keeps_ids_and_reports_bad_lines_with_their_number(
     assert orjson.loads(stored.body or b"")["subject"] == {"reference": f"Patient/{pid}"}
     assert '"value":5.40' in (engine.repository.read(SYSTEM, "Observation", precise).body or "")
     with engine.db.read() as conn:
-        assert len(engine.find(conn, "Observation", f"subject=Patient/{pid}")) == 2
+        assert len(engine.find(SYSTEM, conn, "Observation", f"subject=Patient/{pid}")) == 2
 
     # Re-imported on purpose: resources with ids become new versions, the others new resources.
     again = run_import(engine, [source], force=True)
@@ -236,8 +236,8 @@ def test_a_directory_is_walked_in_name_order_after_the_files_named_before_it(
     assert (ignored.resources, ignored.failures) == (0, [])
     assert ignored.notes == ["not a FHIR resource: ignored"]
     with engine.db.read() as conn:
-        [org] = engine.find(conn, "Organization", f"identifier={system}|{value}")
-        hits = engine.find(conn, "Patient", f"organization=Organization/{org.id}")
+        [org] = engine.find(SYSTEM, conn, "Organization", f"identifier={system}|{value}")
+        hits = engine.find(SYSTEM, conn, "Patient", f"organization=Organization/{org.id}")
     assert sorted(h.id for h in hits) == sorted(ids_of_family(engine, family))
 
 

@@ -171,7 +171,7 @@ class BundleProcessor:
         for entry in entries:
             if entry.resource is not None:
                 with _about(entry):
-                    entry.resource = self._rewrite(entry.resource, mapping, conn)
+                    entry.resource = self._rewrite(ctx, entry.resource, mapping, conn)
         self._create_all(ctx, [e for e in ordered if e.method == "POST" and not e.response], conn)
         for entry in ordered:
             if entry.method not in ("DELETE", "POST"):
@@ -204,7 +204,7 @@ class BundleProcessor:
         for entry in entries:
             if entry.method == "POST":
                 if entry.if_none_exist:
-                    hits = self.engine.find(conn, entry.rtype, entry.if_none_exist)
+                    hits = self.engine.find(ctx, conn, entry.rtype, entry.if_none_exist)
                     if len(hits) > 1:
                         raise precondition_failed(
                             f"Bundle.entry[{entry.index}]: ifNoneExist matches several resources"
@@ -220,7 +220,7 @@ class BundleProcessor:
                 else:
                     entry.target_id = str(uuid.uuid4())
             elif entry.method == "PUT" and entry.query:
-                hits = self.engine.find(conn, entry.rtype, entry.query)
+                hits = self.engine.find(ctx, conn, entry.rtype, entry.query)
                 if len(hits) > 1:
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: criteria match more than one resource"
@@ -240,7 +240,9 @@ class BundleProcessor:
                 mapping[entry.full_url] = f"{entry.rtype}/{entry.target_id}"
         return mapping
 
-    def _rewrite(self, value: Any, mapping: dict[str, str], conn: Connection) -> Any:
+    def _rewrite(
+        self, ctx: AccessContext, value: Any, mapping: dict[str, str], conn: Connection
+    ) -> Any:
         """The resource with its references resolved: full URLs of the Bundle's entries and
         conditional references become `Type/id`, also inside the narrative. Done on the JSON
         text, which is several times faster than walking large resources in Python."""
@@ -249,7 +251,7 @@ class BundleProcessor:
         def reference(match: re.Match[str]) -> str:
             raw = match.group(1)
             old = json.loads(f'"{raw}"') if "\\" in raw else raw
-            new = self._reference(old, mapping, conn)
+            new = self._reference(ctx, old, mapping, conn)
             return match.group(0) if new == old else '"reference":' + json.dumps(new)
 
         new = _REFERENCE_JSON.sub(reference, text)
@@ -257,12 +259,14 @@ class BundleProcessor:
             new = _URN_UUID.sub(lambda m: mapping.get(m.group(0), m.group(0)), new)
         return value if new == text else jsonio.loads(new)
 
-    def _reference(self, reference: str, mapping: dict[str, str], conn: Connection) -> str:
+    def _reference(
+        self, ctx: AccessContext, reference: str, mapping: dict[str, str], conn: Connection
+    ) -> str:
         if reference in mapping:
             return mapping[reference]
         if _CONDITIONAL_REF.match(reference):
             rtype, _, criteria = reference.partition("?")
-            hits = self.engine.find(conn, rtype, criteria)
+            hits = self.engine.find(ctx, conn, rtype, criteria)
             if len(hits) != 1:
                 found = "no" if not hits else "more than one"
                 raise precondition_failed(
@@ -279,7 +283,7 @@ class BundleProcessor:
         try:
             with self._own_transaction(outer) as conn:
                 if entry.resource is not None:
-                    entry.resource = self._rewrite(entry.resource, {}, conn)
+                    entry.resource = self._rewrite(ctx, entry.resource, {}, conn)
                 self._run(ctx, entry, conn, base)
         except FhirError as error:
             entry.response = {"response": {"status": str(error.status), "outcome": error.outcome()}}

@@ -25,6 +25,8 @@ from cityhealth.fhir.search import Hit, Searcher, SearchResult, decode_cursor, e
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
 from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.sharding import patient_shard
+from cityhealth.security.policy import Policy
+from cityhealth.security.visibility import Visibility
 
 JSON_PATCH = "application/json-patch+json"
 
@@ -44,7 +46,8 @@ class FhirEngine:
         self.db = db
         self.definitions = definitions
         self.settings = settings
-        self.repository = Repository(db, definitions)
+        self.policy = Policy(settings.break_glass_minutes)
+        self.repository = Repository(db, definitions, self.policy)
         self.parser = QueryParser(
             definitions, settings.search_default_count, settings.search_max_count
         )
@@ -69,10 +72,13 @@ class FhirEngine:
         base_url: str | None = None,
         conn: Connection | None = None,
     ) -> SearchResult:
+        for rtype in request.types or [request.resource_type]:
+            if rtype:
+                self.policy.require(ctx, rtype, "search")
         with self.repository.reading(conn) as tx:
-            return self.searcher.run(tx, request, base_url)
+            return self.searcher.run(tx, request, base_url, self.policy.visibility(ctx, tx))
 
-    def find(self, conn: Connection, rtype: str, query: str) -> list[Hit]:
+    def find(self, ctx: AccessContext, conn: Connection, rtype: str, query: str) -> list[Hit]:
         """Resources matching conditional criteria (at most two: enough to tell 0, 1, many)."""
         if query.startswith(f"{rtype}?"):  # some clients repeat the type
             query = query[len(rtype) + 1 :]
@@ -82,7 +88,7 @@ class FhirEngine:
         request = self.parser.parse(rtype, params)
         request.count = 2
         request.includes = []
-        return self.searcher.run(conn, request, None).matches
+        return self.searcher.run(conn, request, None, self.policy.visibility(ctx, conn)).matches
 
     # -- writes ---------------------------------------------------------------------------
     def create(
@@ -97,7 +103,7 @@ class FhirEngine:
         with self.repository.transaction(conn) as tx:
             if if_none_exist:
                 self.repository.validate(body, rtype)
-                hits = self.find(tx, rtype, if_none_exist)
+                hits = self.find(ctx, tx, rtype, if_none_exist)
                 if len(hits) > 1:
                     raise precondition_failed(
                         f"If-None-Exist '{if_none_exist}' matches more than one {rtype}"
@@ -130,7 +136,7 @@ class FhirEngine:
         self.repository.check_type(rtype)
         self.repository.validate(body, rtype)
         with self.repository.transaction(conn) as tx:
-            hits = self.find(tx, rtype, query)
+            hits = self.find(ctx, tx, rtype, query)
             if len(hits) > 1:
                 raise precondition_failed(f"The criteria '{query}' match more than one {rtype}")
             if not hits:
@@ -150,7 +156,7 @@ class FhirEngine:
     ) -> int:
         self.repository.check_type(rtype)
         with self.repository.transaction(conn) as tx:
-            hits = self.find(tx, rtype, query)
+            hits = self.find(ctx, tx, rtype, query)
             if len(hits) > 1:
                 raise precondition_failed(f"The criteria '{query}' match more than one {rtype}")
             for hit in hits:
@@ -202,6 +208,7 @@ class FhirEngine:
     ) -> HistoryPage:
         if rtype:
             self.repository.check_type(rtype)
+            self.policy.require(ctx, rtype, "history")
         query = parse_history_params(
             params, self.settings.search_default_count, self.settings.search_max_count
         )
@@ -210,7 +217,8 @@ class FhirEngine:
             if rtype and rid:
                 found = self.repository.read_any_version(ctx, rtype, rid, tx)
                 query.row = (found.shard, found.rid)
-            return history(tx, query)
+                return history(tx, query)  # read_any_version checked the caller sees it
+            return history(tx, query, self.policy.visibility(ctx, tx))
 
     # -- $everything ------------------------------------------------------------------------
     def everything(
@@ -237,8 +245,10 @@ class FhirEngine:
             elif name not in ("_format", "_pretty"):
                 raise bad_request(f"Unknown $everything parameter '{name}'")
         request = SearchRequest("Patient", count=count, cursor=cursor)
+        self.policy.require(ctx, "Patient", "$everything")
         with self.repository.reading() as tx:
             self.repository.read(ctx, "Patient", rid, tx)
+            visibility = self.policy.visibility(ctx, tx)
             after: int | None = None
             if cursor:
                 _, keys = decode_cursor(cursor)
@@ -263,6 +273,9 @@ class FhirEngine:
                     where.append(r.c.last_updated >= since)
                 if after is not None:
                     where.append(r.c.rid > after)
+                seen = visibility.clause(r)
+                if seen is not None:
+                    where.append(seen)
                 query = select(r.c.rid, r.c.shard, r.c.type, r.c.id, r.c.body).where(*where)
                 rows += tx.execute(query.order_by(r.c.rid).limit(count + 1)).all()
             rows.sort(key=lambda x: x.rid)
@@ -270,11 +283,16 @@ class FhirEngine:
             result.matches = [Hit(x.rid, x.shard, x.type, x.id, x.body) for x in rows[:count]]
             if len(rows) > count:
                 result.next_cursor = encode_cursor("n", [rows[count - 1].rid])
-            result.included = self._referenced_outside(tx, result.matches, rid, types)
+            result.included = self._referenced_outside(tx, result.matches, rid, types, visibility)
         return result
 
     def _referenced_outside(
-        self, conn: Connection, hits: list[Hit], patient_id: str, types: list[str]
+        self,
+        conn: Connection,
+        hits: list[Hit],
+        patient_id: str,
+        types: list[str],
+        visibility: Visibility,
     ) -> list[Hit]:
         """Resources the page references that are not in the compartment (organizations …):
         they may live on any shard, so their (type, id) come from an uncorrelated subquery."""
@@ -295,6 +313,9 @@ class FhirEngine:
         )
         if types:
             query = query.where(t.c.type.in_(types))
+        seen = visibility.clause(t)
+        if seen is not None:
+            query = query.where(seen)
         return [
             Hit(x.rid, x.shard, x.type, x.id, x.body) for x in conn.execute(query.order_by(t.c.rid))
         ]

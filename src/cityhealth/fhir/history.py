@@ -9,9 +9,11 @@ from sqlalchemy import Connection, and_, func, or_, select
 
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.errors import bad_request
-from cityhealth.fhir.schema import resource_history
+from cityhealth.fhir.schema import resource, resource_history
 from cityhealth.fhir.search import decode_cursor, encode_cursor
+from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.store import Stored
+from cityhealth.security.visibility import Visibility
 
 
 @dataclass
@@ -57,9 +59,18 @@ def parse_history_params(
     return query
 
 
-def history(conn: Connection, query: HistoryQuery) -> HistoryPage:
+def history(
+    conn: Connection, query: HistoryQuery, visibility: Visibility | None = None
+) -> HistoryPage:
+    """A page of versions, newest first; with `visibility`, only versions of the resources the
+    caller sees now (a deleted resource is then seen by the platform alone)."""
     h = resource_history
     where = []
+    r = resource.alias("v")
+    seen = visibility.clause(r) if visibility is not None else None
+    if seen is not None:
+        visible = select(r.c.shard, r.c.rid).where(r.c.deleted.is_(False), seen)
+        where.append(own_rows(h, visible, conn.dialect.name))
     if query.rtype:
         where.append(h.c.type == query.rtype)
     if query.rid:

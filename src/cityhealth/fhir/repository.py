@@ -30,6 +30,8 @@ from cityhealth.fhir.sharding import shard_key
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 from cityhealth.security import audit as audit_chain
+from cityhealth.security.policy import Policy
+from cityhealth.security.visibility import held_by
 
 #: Records of access: added (and chained, cityhealth.security.audit), never changed or deleted.
 APPEND_ONLY = frozenset({"AuditEvent"})
@@ -60,9 +62,12 @@ class WriteResult:
 
 
 class Repository:
-    def __init__(self, db: Database, definitions: Definitions) -> None:
+    def __init__(
+        self, db: Database, definitions: Definitions, policy: Policy | None = None
+    ) -> None:
         self.db = db
         self.definitions = definitions
+        self.policy = policy or Policy()
         self.validator = Validator(definitions)
         self.indexer = Indexer(definitions)
 
@@ -230,8 +235,15 @@ class Repository:
         prepared: list[tuple[dict[str, Any], str, str, Stored | None, Indexed]] = []
         for rtype, res, given in items:
             rid = given or str(uuid.uuid4())
+            self.policy.stamp_holder(ctx, res, None)
             prepared.append((res, rtype, rid, None, self._index(res, rtype, rid)))
         with self.transaction(conn) as tx:
+            for position, (_res, rtype, _rid, _prev, indexed) in enumerate(prepared):
+                try:
+                    self.policy.check_write(ctx, tx, rtype, "create", indexed.patients, None)
+                except FhirError as error:
+                    error.index = position
+                    raise
             written = self._write(tx, prepared, "POST")
         return [WriteResult(stored, True) for stored in written]
 
@@ -255,11 +267,19 @@ class Repository:
             raise bad_request(
                 f"The id in the body ({resource.get('id')}) differs from the URL ({rid})", "id"
             )
+        self.policy.stamp_holder(ctx, resource, None)
         indexed = self._index(resource, rtype, rid)
         with self.transaction(conn) as tx:
             previous = self._lock(tx, rtype, rid, indexed.shard)
             if previous is not None and rtype in APPEND_ONLY:
                 raise append_only(rtype)
+            interaction = "patch" if method == "PATCH" else "update"
+            self.policy.check_write(ctx, tx, rtype, interaction, indexed.patients, previous)
+            if previous is not None and previous.body is not None:
+                holder = held_by(previous.body)
+                self.policy.stamp_holder(ctx, resource, previous)
+                if holder is not None and holder != ctx.organization:
+                    indexed = self._index(resource, rtype, rid)  # the record keeps its holder
             if if_match is not None and (previous is None or previous.version != if_match):
                 have = "none" if previous is None or previous.deleted else previous.version
                 raise precondition_failed(
@@ -278,8 +298,11 @@ class Repository:
             previous = self._lock(tx, rtype, rid, self.known_shard(rtype, rid))
             if previous is None or previous.deleted:
                 return None
+            if not self.policy.visibility(ctx, tx).sees(tx, previous):
+                return None  # what the caller may not see is, to them, not there
             if rtype in APPEND_ONLY:
                 raise append_only(rtype)
+            self.policy.check_write(ctx, tx, rtype, "delete", set(), previous)
             us = now_us()
             shard = previous.shard  # a deleted resource stays where it was
             stored = Stored(
@@ -295,10 +318,13 @@ class Repository:
         self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
     ) -> Stored:
         self.check_type(rtype)
+        self.policy.require(ctx, rtype, "read")
         if not ID_PATTERN.match(rid):
             raise not_found(f"{rtype}/{rid} is not known")
         with self.reading(conn) as tx:
             found = store.current(tx, rtype, rid, shard=self.known_shard(rtype, rid))
+            if found is not None and not self.policy.visibility(ctx, tx).sees(tx, found):
+                found = None
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         if found.deleted:
@@ -309,10 +335,13 @@ class Repository:
         self, ctx: AccessContext, rtype: str, rid: str, vid: str, conn: Connection | None = None
     ) -> Stored:
         self.check_type(rtype)
+        self.policy.require(ctx, rtype, "vread")
         if not ID_PATTERN.match(rid) or not vid.isdigit():
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         with self.reading(conn) as tx:
             found = store.version(tx, rtype, rid, int(vid), shard=self.known_shard(rtype, rid))
+            if found is not None and not self._sees_resource(ctx, tx, rtype, rid):
+                found = None
         if found is None:
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         if found.deleted:
@@ -324,12 +353,23 @@ class Repository:
     ) -> Stored:
         """The current row even when it is a deletion (instance history needs it)."""
         self.check_type(rtype)
+        self.policy.require(ctx, rtype, "history")
         with self.reading(conn) as tx:
             found = (
                 store.current(tx, rtype, rid, shard=self.known_shard(rtype, rid))
                 if ID_PATTERN.match(rid)
                 else None
             )
+            if found is not None and not self._sees_resource(ctx, tx, rtype, rid):
+                found = None
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         return found
+
+    def _sees_resource(self, ctx: AccessContext, conn: Connection, rtype: str, rid: str) -> bool:
+        """Whether the caller sees the resource now: its versions are seen with it."""
+        visibility = self.policy.visibility(ctx, conn)
+        if visibility.everything:
+            return visibility.can_see_type(rtype)
+        found = store.current(conn, rtype, rid, shard=self.known_shard(rtype, rid))
+        return found is not None and visibility.sees(conn, found)

@@ -20,6 +20,7 @@ from cityhealth.fhir.errors import bad_request
 from cityhealth.fhir.schema import INDEX_TABLES, idx_reference, resource
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
 from cityhealth.fhir.search_sql import MAX_CHAR, ClauseBuilder, PageHint
+from cityhealth.security.visibility import Visibility
 
 #: Sort column and the values that put resources without one last, per parameter type.
 _SORT = {
@@ -133,6 +134,9 @@ class Searcher:
     def where(self, r: FromClause, request: SearchRequest, builder: ClauseBuilder) -> list[Any]:
         types = self.parser.searched_types(request)
         where: list[Any] = [r.c.deleted.is_(False)]
+        restriction = builder.visible(r)
+        if restriction is not None:
+            where.append(restriction)
         if len(types) == 1:
             where.append(r.c.type == types[0])
         elif request.types:
@@ -151,26 +155,39 @@ class Searcher:
                 )
         return where
 
-    def run(self, conn: Connection, request: SearchRequest, base_url: str | None) -> SearchResult:
+    def run(
+        self,
+        conn: Connection,
+        request: SearchRequest,
+        base_url: str | None,
+        visibility: Visibility | None = None,
+    ) -> SearchResult:
+        """One page of matches and what it includes; with `visibility`, only what the caller
+        may see exists for the search (counts, paging, includes, chains and _has alike)."""
         r = resource.alias("r")
         result = SearchResult(request)
+
+        def builder() -> ClauseBuilder:
+            return ClauseBuilder(self.parser, base_url, conn.dialect.name, visibility)
+
         if (
             request.total in ("accurate", "estimate")
             or request.summary == "count"
             or not request.count
         ):
-            where = self.where(r, request, ClauseBuilder(self.parser, base_url, conn.dialect.name))
+            where = self.where(r, request, builder())
             result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar()
         if request.summary == "count" or request.count == 0:
             return result
         columns = self._sort_columns(r, request)
         direction, keys = decode_cursor(request.cursor) if request.cursor else ("n", [])
         backwards = direction == "p"
-        builder = ClauseBuilder(self.parser, base_url, conn.dialect.name)
+        paging = builder()
         single = len(request.criteria) == 1 and len(self.parser.searched_types(request)) == 1
-        if single and len(columns) == 1 and all(isinstance(k, int) for k in keys):
-            builder.page = PageHint(r, request.count + 1, keys[0] if keys else None, backwards)
-        where = self.where(r, request, builder)
+        unlimited = visibility is None or visibility.unrestricted
+        if single and unlimited and len(columns) == 1 and all(isinstance(k, int) for k in keys):
+            paging.page = PageHint(r, request.count + 1, keys[0] if keys else None, backwards)
+        where = self.where(r, request, paging)
         query = select(
             r.c.rid,
             r.c.shard,
@@ -198,10 +215,16 @@ class Searcher:
         if result.total is None and not keys and not more:
             result.total = len(rows)
         if request.includes and result.matches:
-            result.included = self.includes(conn, request, result.matches)
+            result.included = self.includes(conn, request, result.matches, visibility)
         return result
 
-    def includes(self, conn: Connection, request: SearchRequest, matches: list[Hit]) -> list[Hit]:
+    def includes(
+        self,
+        conn: Connection,
+        request: SearchRequest,
+        matches: list[Hit],
+        visibility: Visibility | None = None,
+    ) -> list[Hit]:
         seen = {h.rid for h in matches}
         included: list[Hit] = []
         frontier = matches
@@ -213,7 +236,7 @@ class Searcher:
                 sources = [h for h in frontier if inc.reverse or h.type == inc.source_type]
                 if not sources:
                     continue
-                for hit in self._include_query(conn, inc, sources):
+                for hit in self._include_query(conn, inc, sources, visibility):
                     if hit.rid not in seen and len(included) + len(found) < self.max_includes:
                         seen.add(hit.rid)
                         found.append(hit)
@@ -223,7 +246,9 @@ class Searcher:
             frontier = found
         return included
 
-    def _include_query(self, conn: Connection, inc: Any, sources: list[Hit]) -> list[Hit]:
+    def _include_query(
+        self, conn: Connection, inc: Any, sources: list[Hit], visibility: Visibility | None
+    ) -> list[Hit]:
         ref = idx_reference.alias()
         t = resource.alias()
         conditions = [ref.c.rtype == inc.source_type]
@@ -258,5 +283,8 @@ class Searcher:
                 .select_from(ref.join(t, and_(t.c.shard == ref.c.shard, t.c.rid == ref.c.rid)))
                 .where(t.c.deleted.is_(False), *conditions)
             )
+        restriction = visibility.clause(t) if visibility is not None else None
+        if restriction is not None:
+            query = query.where(restriction)
         query = query.order_by(t.c.rid).limit(self.max_includes + 1)
         return [Hit(x.rid, x.shard, x.type, x.id, x.body) for x in conn.execute(query)]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -41,6 +41,9 @@ from cityhealth.fhir.errors import bad_request
 from cityhealth.fhir.numbers import number_range
 from cityhealth.fhir.schema import INDEX_TABLES, idx_reference, idx_token, resource
 from cityhealth.fhir.search_parse import QueryParser
+
+if TYPE_CHECKING:
+    from cityhealth.security.visibility import Visibility
 
 #: Upper bound for prefix ranges: sorts after every other code point (byte order).
 MAX_CHAR = chr(0x10FFFF)
@@ -150,13 +153,25 @@ class PageHint:
 
 
 class ClauseBuilder:
-    def __init__(self, parser: QueryParser, base_url: str | None, dialect: str) -> None:
+    def __init__(
+        self,
+        parser: QueryParser,
+        base_url: str | None,
+        dialect: str,
+        visibility: Visibility | None = None,
+    ) -> None:
         self.parser = parser
+        self.visibility = visibility
         self.dialect = dialect
         self.definitions = parser.definitions
         self.base_url = base_url.rstrip("/") if base_url else None
         self._driven: set[int] = set()  # aliases that already have their driving criterion
         self.page: PageHint | None = None
+
+    def visible(self, r: FromClause) -> ColumnElement[bool] | None:
+        """What of `r` the caller may see (None: all): the searched resources, and the ones a
+        chain or `_has` looks into, so that no criterion tests a hidden resource."""
+        return self.visibility.clause(r) if self.visibility is not None else None
 
     def rank(self, rtype: str, name: str) -> int:
         """How narrow a criterion usually is (0 narrowest): searches list the narrow ones first,
@@ -282,6 +297,9 @@ class ClauseBuilder:
         targets = select(target.c.type, target.c.id).where(
             target.c.deleted == false(), or_(*options) if options else false()
         )
+        seen = self.visible(target)
+        if seen is not None:
+            targets = targets.where(seen)
         sub = select(ref.c.shard, ref.c.rid).where(
             ref.c.rtype == rtype,
             ref.c.param == code,
@@ -307,6 +325,9 @@ class ClauseBuilder:
                 self.criterion(source, source_type, rest, values),
             )
         )
+        seen = self.visible(source)
+        if seen is not None:
+            sub = sub.where(seen)
         return r.c.id.in_(sub)
 
     # -- value conditions per parameter type --------------------------------------------
