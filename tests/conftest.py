@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from access_tokens import bearer
 from cityhealth.config import Settings
 from cityhealth.db import Database
 from cityhealth.fhir.definitions import Definitions, get_definitions
@@ -95,7 +96,9 @@ def engine(database: Database, settings: Settings, definitions: Definitions) -> 
 
 @pytest.fixture(scope="module")
 def client(database: Database, settings: Settings) -> Iterator[TestClient]:
+    """The application, called as the platform's own client (a `system/*.*` token)."""
     from cityhealth.app import create_app
 
-    with TestClient(create_app(settings, database), raise_server_exceptions=False) as test_client:
+    app = create_app(settings, database)
+    with TestClient(app, raise_server_exceptions=False, headers=bearer(app)) as test_client:
         yield test_client

@@ -22,6 +22,7 @@ from swagger_ui_bundle import swagger_ui_path
 from cityhealth import __version__
 from cityhealth.config import Settings, get_settings
 from cityhealth.db import Database
+from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.bulk_export import BulkExport, ExportSettings
 from cityhealth.fhir.definitions import get_definitions
 from cityhealth.fhir.engine import FhirEngine
@@ -32,6 +33,7 @@ from cityhealth.fhir.rest import build_router
 from cityhealth.jobs import JobRunner
 from cityhealth.portal import register_portal
 from cityhealth.request_log import RequestLog
+from cityhealth.security.guard import BearerGuard
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security
 
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         )
 
     app.state.engine = engine
+    app.state.security = security
     app.state.jobs = runner
     # The bulk export routes go first: the FHIR router's /{type}/{id} would take their paths.
     app.include_router(build_export_router(engine, runner, exports))
@@ -127,6 +130,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             FhirError(500, "exception", "The server could not complete the request; it was logged")
         )
 
+    app.add_middleware(BearerGuard, tokens=security.tokens, revoked=security.accounts.is_revoked)
     app.add_middleware(RequestLog)
 
     @app.get("/healthz", tags=["operations"])
@@ -140,7 +144,10 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         return Response(orjson.dumps({"status": "ok"}), media_type="application/json")
 
     @app.get("/metrics", tags=["operations"])
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        ctx: AccessContext = request.state.access
+        if ctx.role != "platform_admin" and not (ctx.role == "system" and not ctx.organization):
+            raise FhirError(403, "forbidden", "Metrics are for the platform's operators")
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -85,9 +85,11 @@ def env(
     async def caller(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        # Two platform clients, to tell whose export is whose.
         who = request.headers.get("x-test-who")
-        if who:
-            request.state.access = AccessContext(who=who, role="doctor")
+        request.state.access = (
+            AccessContext(who=who, role="system", scopes=SYSTEM.scopes) if who else SYSTEM
+        )
         return await call_next(request)
 
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -30,6 +30,7 @@ from sqlalchemy import event, inspect, select, text
 from sqlglot import exp
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
+from access_tokens import bearer
 from cityhealth.config import Settings
 from cityhealth.db import Database
 from cityhealth.fhir.access import SYSTEM
@@ -433,7 +434,10 @@ def client(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     url = database.url.render_as_string(hide_password=False)
     settings = Settings(database_url=url, var_dir=tmp_path_factory.mktemp("var"))
-    with TestClient(create_app(settings, database), raise_server_exceptions=False) as client:
+    app = create_app(settings, database)
+    # A hospital's system: every statement carries the access rules' conditions too.
+    his = bearer(app, organization="Organization/distribution-his")
+    with TestClient(app, raise_server_exceptions=False, headers=his) as client:
         yield client
 
 

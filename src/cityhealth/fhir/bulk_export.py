@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Select, or_, select
 
 from cityhealth.config import Settings
 from cityhealth.fhir import store
-from cityhealth.fhir.access import AccessContext
+from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.clock import instant, now_us
 from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.index_values import parse_reference
@@ -62,6 +62,7 @@ class ExportRequest:
     since: int | None = None  # epoch microseconds; last_updated ≥ since
     group_id: str | None = None
     url: str = ""  # the kick-off request, echoed as the manifest's `request`
+    access: AccessContext = SYSTEM  # who asked: the export holds only what they may see
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,11 +71,19 @@ class ExportRequest:
             "since": self.since,
             "group": self.group_id,
             "url": self.url,
+            "access": self.access.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExportRequest:
-        return cls(data["level"], tuple(data["types"]), data["since"], data["group"], data["url"])
+        return cls(
+            data["level"],
+            tuple(data["types"]),
+            data["since"],
+            data["group"],
+            data["url"],
+            AccessContext.from_json(data["access"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,10 @@ class BulkExport:
         self.settings = settings
 
     def check(self, ctx: AccessContext, request: ExportRequest) -> None:
-        """What must hold at kick-off: the Group of a Group-level export exists (else 404)."""
+        """What must hold at kick-off: the caller's scopes allow exporting the types asked for
+        (else 403), and the Group of a Group-level export exists for them (else 404)."""
+        for rtype in request.types or ["Patient"]:
+            self.engine.policy.require(ctx, rtype, "$export")
         if request.level == GROUP_LEVEL:
             assert request.group_id is not None
             self.engine.repository.read(ctx, "Group", request.group_id)
@@ -225,6 +237,9 @@ class BulkExport:
         where = [r.c.deleted.is_(False), r.c.last_updated <= until]
         if request.types:
             where.append(r.c.type.in_(request.types))
+        seen = self.engine.policy.visibility(request.access, conn).clause(r)
+        if seen is not None:
+            where.append(seen)
         if request.since is not None:
             where.append(r.c.last_updated >= request.since)
         c, dialect = compartment, conn.dialect.name

@@ -9,6 +9,7 @@ otherwise take these paths.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from cityhealth.fhir.access import SYSTEM, AccessContext
+from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.bulk_export import (
     EXPORT_KIND,
     GROUP_LEVEL,
@@ -43,7 +44,7 @@ from cityhealth.fhir.errors import (
     not_found,
     operation_outcome,
 )
-from cityhealth.fhir.http import base_url, fhir_response, json_body, negotiate
+from cityhealth.fhir.http import base_url, caller, fhir_response, json_body, negotiate
 from cityhealth.jobs.runner import (
     ACCEPTED,
     CANCELLED,
@@ -138,10 +139,6 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
     settings = engine.settings
     retry_after = str(max(1, math.ceil(runner.poll_seconds)))
 
-    def context(request: Request) -> AccessContext:
-        ctx: AccessContext = getattr(request.state, "access", SYSTEM)
-        return ctx
-
     def base(request: Request) -> str:
         return base_url(request, settings.fhir_base_url)
 
@@ -158,7 +155,8 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
             url += f"?{request.url.query}"
         lenient = preferences.get("handling") == "lenient"
         wanted, warnings = parse_export(engine.definitions, level, group_id, params, url, lenient)
-        ctx = context(request)
+        ctx = caller(request)
+        wanted = dataclasses.replace(wanted, access=ctx)
         await run_in_threadpool(export.check, ctx, wanted)
         job_id = await run_in_threadpool(runner.submit, EXPORT_KIND, wanted.to_json(), ctx.who)
         accepted = OutcomeIssue("information", "informational", f"Export {job_id} accepted")
@@ -175,7 +173,7 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
             or found.kind != EXPORT_KIND
             or found.status == CANCELLED
             or found.expired(now_us())
-            or found.owner != context(request).who
+            or found.owner != caller(request).who
         ):
             raise not_found(f"There is no export {job_id}")
         return found

@@ -8,6 +8,7 @@ import orjson
 from fastapi import Request, Response
 
 from cityhealth.fhir import jsonio
+from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.clock import http_date
 from cityhealth.fhir.errors import FhirError, OutcomeIssue, bad_request, operation_outcome
 from cityhealth.fhir.store import Stored
@@ -129,3 +130,11 @@ def base_url(request: Request, configured: str | None) -> str:
     if configured:
         return configured.rstrip("/")
     return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def caller(request: Request) -> AccessContext:
+    """Who the request acts for, as the bearer guard (cityhealth.security.guard) found it."""
+    ctx = getattr(request.state, "access", None)
+    if not isinstance(ctx, AccessContext):  # never reached behind the guard; fail closed
+        raise FhirError(401, "login", "Sign in first: send an access token (Bearer)")
+    return ctx

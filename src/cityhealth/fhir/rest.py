@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from cityhealth.fhir import jsonio
-from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.bundles import BundleProcessor
 from cityhealth.fhir.capability import capability_statement
 from cityhealth.fhir.engine import JSON_PATCH, FhirEngine
@@ -18,6 +17,7 @@ from cityhealth.fhir.errors import FhirError, OutcomeIssue, bad_request, operati
 from cityhealth.fhir.http import (
     JSON_TYPES,
     base_url,
+    caller,
     fhir_response,
     if_match,
     json_body,
@@ -39,10 +39,6 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(fn, *args, **kwargs)
 
-    def context(request: Request) -> AccessContext:
-        ctx: AccessContext = getattr(request.state, "access", SYSTEM)
-        return ctx
-
     def base(request: Request) -> str:
         return base_url(request, settings.fhir_base_url)
 
@@ -62,7 +58,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
         request: Request, rtype: str, params: list[tuple[str, str]]
     ) -> Response:
         lenient = prefer(request, "handling") == "lenient"
-        ctx, url = context(request), base(request)
+        ctx, url = caller(request), base(request)
 
         def parse_and_search() -> tuple[Any, Any]:  # one thread hand-off per request
             if rtype:
@@ -116,14 +112,14 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def bundle(request: Request) -> Response:
         negotiate(request)
         body = await json_body(request)
-        result = await run(bundles.process, context(request), body, base(request))
+        result = await run(bundles.process, caller(request), body, base(request))
         return fhir_response(jsonio.dumps(result))
 
     @router.get("/_history", summary="System history")
     async def system_history(request: Request) -> Response:
         negotiate(request)
         params = query(request)
-        page = await run(engine.history, context(request), params)
+        page = await run(engine.history, caller(request), params)
         return fhir_response(
             history_bundle(page, base(request), f"{base(request)}/_history", _plain(params))
         )
@@ -143,7 +139,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
         negotiate(request)
         body = await json_body(request)
         outcome = await run(
-            engine.create, context(request), rtype, body, request.headers.get("if-none-exist")
+            engine.create, caller(request), rtype, body, request.headers.get("if-none-exist")
         )
         return write_response(request, base(request), outcome.write.stored, outcome.status)
 
@@ -154,7 +150,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
         body = await json_body(request)
         result = await run(
             engine.conditional_update,
-            context(request),
+            caller(request),
             rtype,
             _criteria(request),
             body,
@@ -166,14 +162,14 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def conditional_delete(request: Request, rtype: str) -> Response:
         negotiate(request)
         engine.repository.check_type(rtype)
-        await run(engine.conditional_delete, context(request), rtype, _criteria(request))
+        await run(engine.conditional_delete, caller(request), rtype, _criteria(request))
         return fhir_response(None, 204)
 
     @router.get("/{rtype}/_history", summary="Type history")
     async def type_history(request: Request, rtype: str) -> Response:
         negotiate(request)
         params = query(request)
-        page = await run(engine.history, context(request), params, rtype)
+        page = await run(engine.history, caller(request), params, rtype)
         url = f"{base(request)}/{rtype}/_history"
         return fhir_response(history_bundle(page, base(request), url, _plain(params)))
 
@@ -205,7 +201,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     async def everything(request: Request, rid: str) -> Response:
         negotiate(request)
         params = query(request)
-        result = await run(engine.everything, context(request), rid, params)
+        result = await run(engine.everything, caller(request), rid, params)
         url = f"{base(request)}/Patient/{rid}/$everything"
         return fhir_response(
             searchset(engine.definitions, result, base(request), url, _plain(params))
@@ -214,14 +210,14 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.get("/{rtype}/{rid}", summary="Read")
     async def read(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
-        stored = await run(engine.repository.read, context(request), rtype, rid)
+        stored = await run(engine.repository.read, caller(request), rtype, rid)
         return resource_response(stored)
 
     @router.put("/{rtype}/{rid}", summary="Update (or create with this id)")
     async def update(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
         body = await json_body(request)
-        result = await run(engine.update, context(request), rtype, rid, body, if_match(request))
+        result = await run(engine.update, caller(request), rtype, rid, body, if_match(request))
         return write_response(request, base(request), result.stored, 201 if result.created else 200)
 
     @router.patch("/{rtype}/{rid}", summary="Patch (JSON Patch or FHIR Patch)")
@@ -230,28 +226,28 @@ def build_router(engine: FhirEngine) -> APIRouter:
         body = await json_body(request, JSON_TYPES | {JSON_PATCH})
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         result = await run(
-            engine.patch, context(request), rtype, rid, media, body, if_match(request)
+            engine.patch, caller(request), rtype, rid, media, body, if_match(request)
         )
         return write_response(request, base(request), result.stored, 200)
 
     @router.delete("/{rtype}/{rid}", summary="Delete")
     async def delete(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
-        await run(engine.repository.delete, context(request), rtype, rid)
+        await run(engine.repository.delete, caller(request), rtype, rid)
         return fhir_response(None, 204)
 
     @router.get("/{rtype}/{rid}/_history", summary="Instance history")
     async def instance_history(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
         params = query(request)
-        page = await run(engine.history, context(request), params, rtype, rid)
+        page = await run(engine.history, caller(request), params, rtype, rid)
         url = f"{base(request)}/{rtype}/{rid}/_history"
         return fhir_response(history_bundle(page, base(request), url, _plain(params)))
 
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="Version read")
     async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
         negotiate(request)
-        stored = await run(engine.repository.vread, context(request), rtype, rid, vid)
+        stored = await run(engine.repository.vread, caller(request), rtype, rid, vid)
         return resource_response(stored)
 
     return router

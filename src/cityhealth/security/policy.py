@@ -116,7 +116,8 @@ DISPENSING = Relation(
     "MedicationRequest", ("intended-dispenser",), ("active", "on-hold"), REVIEW_TYPES
 )
 
-#: Purposes of use (v3-PurposeOfUse) under which a regulator sees identifiable records.
+#: Purposes of use (v3-PurposeOfUse) under which a regulator, giving a reason, sees
+#: identifiable records: compliance and legal investigations, fraud, public-health cases.
 INVESTIGATION_PURPOSES = frozenset({"HCOMPL", "HLEGAL", "FRAUD", "PUBHLTH"})
 
 
@@ -151,7 +152,8 @@ def rules_for(ctx: AccessContext) -> Rules:
             return Rules(holder=True, relations=(*TREATMENT, DISPENSING), consents=True)
         return Rules(everything=True)
     if role == "regulator":
-        return Rules(everything=True, deidentified=ctx.purpose not in INVESTIGATION_PURPOSES)
+        investigating = ctx.purpose in INVESTIGATION_PURPOSES and bool(ctx.reason)
+        return Rules(everything=True, deidentified=not investigating)
     if role == "audit_admin":
         return Rules(everything=True, public=False, only_types=frozenset({"AuditEvent"}))
     if role in ("platform_admin", "institution_admin"):

@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
 )
 
-from cityhealth.fhir import jsonio
+from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.schema import compartment, idx_reference, idx_token, resource
 from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.store import Stored
@@ -116,7 +116,12 @@ class Visibility:
         if stored.type in self.public_types:
             return True
         if stored.deleted or stored.body is None:
-            return False  # a deletion keeps no index rows to judge it by
+            # A deletion keeps no index rows to judge it by: its holder sees it by the last
+            # version's tag; no one else learns that it existed.
+            last = store.version(
+                conn, stored.type, stored.id, stored.version - 1, shard=stored.shard
+            )
+            return bool(self.holder and last and last.body and held_by(last.body) == self.holder)
         if self.holder and held_by(stored.body) == self.holder:
             return True
         r = resource.alias("r")
