@@ -27,6 +27,8 @@ from cityhealth.fhir.index_values import parse_reference
 from cityhealth.fhir.schema import compartment, idx_reference, resource
 from cityhealth.fhir.search_sql import own_rows
 from cityhealth.jobs.runner import JobContext, JobFailed
+from cityhealth.security.deidentify import deidentify
+from cityhealth.security.visibility import Visibility
 
 EXPORT_KIND = "export"
 SYSTEM_LEVEL = "system"
@@ -219,11 +221,12 @@ class BulkExport:
         written = 0
         try:
             with self.engine.db.read() as conn:
-                query = self._query(conn, request, transaction_time)
+                visibility = self.engine.policy.visibility(request.access, conn)
+                query = self._query(conn, request, transaction_time, visibility)
                 result = conn.execution_options(yield_per=self.settings.batch_size).execute(query)
                 for rows in result.partitions():
                     for rtype, body in rows:
-                        files.add(rtype, body)
+                        files.add(rtype, deidentify(body) if visibility.deidentified else body)
                     written += len(rows)
                     if progress is not None:
                         progress(f"{written} resources exported")
@@ -231,13 +234,15 @@ class BulkExport:
             done = files.close()
         return ExportOutput(transaction_time, request.url, done)
 
-    def _query(self, conn: Connection, request: ExportRequest, until: int) -> Select[Any]:
+    def _query(
+        self, conn: Connection, request: ExportRequest, until: int, visibility: Visibility
+    ) -> Select[Any]:
         r = resource
         # Resources changed after the transaction time belong to the next export (_since).
         where = [r.c.deleted.is_(False), r.c.last_updated <= until]
         if request.types:
             where.append(r.c.type.in_(request.types))
-        seen = self.engine.policy.visibility(request.access, conn).clause(r)
+        seen = visibility.clause(r)
         if seen is not None:
             where.append(seen)
         if request.since is not None:

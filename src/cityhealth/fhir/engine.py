@@ -13,7 +13,7 @@ from sqlalchemy import Connection, not_, select, tuple_
 from cityhealth.config import Settings
 from cityhealth.db import Database
 from cityhealth.fhir import jsonio
-from cityhealth.fhir.access import AccessContext
+from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.definitions import Definitions
 from cityhealth.fhir.errors import bad_request, precondition_failed, unprocessable
@@ -25,7 +25,10 @@ from cityhealth.fhir.search import Hit, Searcher, SearchResult, decode_cursor, e
 from cityhealth.fhir.search_parse import QueryParser, SearchRequest
 from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.sharding import patient_shard
-from cityhealth.security.policy import Policy
+from cityhealth.fhir.store import Stored
+from cityhealth.security.break_glass import MIN_REASON, declare
+from cityhealth.security.deidentify import identifying
+from cityhealth.security.policy import Policy, forbidden, rules_for
 from cityhealth.security.visibility import Visibility
 
 JSON_PATCH = "application/json-patch+json"
@@ -76,7 +79,11 @@ class FhirEngine:
             if rtype:
                 self.policy.require(ctx, rtype, "search")
         with self.repository.reading(conn) as tx:
-            return self.searcher.run(tx, request, base_url, self.policy.visibility(ctx, tx))
+            visibility = self.policy.visibility(ctx, tx)
+            asked = [c.name for c in request.criteria] + [code for code, _ in request.sort]
+            if visibility.deidentified and any(identifying(name) for name in asked):
+                raise forbidden("De-identified access cannot search or sort by identifying data")
+            return presented(visibility, self.searcher.run(tx, request, base_url, visibility))
 
     def find(self, ctx: AccessContext, conn: Connection, rtype: str, query: str) -> list[Hit]:
         """Resources matching conditional criteria (at most two: enough to tell 0, 1, many)."""
@@ -214,11 +221,28 @@ class FhirEngine:
         )
         query.rtype, query.rid = rtype, rid
         with self.repository.reading() as tx:
+            visibility = self.policy.visibility(ctx, tx)
             if rtype and rid:
                 found = self.repository.read_any_version(ctx, rtype, rid, tx)
                 query.row = (found.shard, found.rid)
-                return history(tx, query)  # read_any_version checked the caller sees it
-            return history(tx, query, self.policy.visibility(ctx, tx))
+                page = history(tx, query)  # read_any_version checked the caller sees it
+            else:
+                page = history(tx, query, visibility)
+        page.entries = [visibility.present(entry) for entry in page.entries]
+        return page
+
+    # -- break-glass --------------------------------------------------------------------------
+    def break_glass(self, ctx: AccessContext, patient_id: str, reason: Any) -> Stored:
+        """Declare an emergency for one patient (cityhealth.security.break_glass): their whole
+        record opens to the caller for `break_glass_minutes`, and the declaration is recorded
+        for review."""
+        if not rules_for(ctx).break_glass:
+            raise forbidden("Only doctors and nurses may declare an emergency access")
+        if not isinstance(reason, str) or len(reason.strip()) < MIN_REASON:
+            raise bad_request(f"Give the emergency's reason (at least {MIN_REASON} characters)")
+        with self.repository.transaction() as tx:
+            self.repository.read(SYSTEM, "Patient", patient_id, tx)  # 404 if there is none
+            return declare(self.repository, tx, ctx, patient_id, reason.strip())
 
     # -- $everything ------------------------------------------------------------------------
     def everything(
@@ -284,7 +308,7 @@ class FhirEngine:
             if len(rows) > count:
                 result.next_cursor = encode_cursor("n", [rows[count - 1].rid])
             result.included = self._referenced_outside(tx, result.matches, rid, types, visibility)
-        return result
+        return presented(visibility, result)
 
     def _referenced_outside(
         self,
@@ -319,6 +343,14 @@ class FhirEngine:
         return [
             Hit(x.rid, x.shard, x.type, x.id, x.body) for x in conn.execute(query.order_by(t.c.rid))
         ]
+
+
+def presented(visibility: Visibility, result: SearchResult) -> SearchResult:
+    """The result as the caller receives it (de-identified for some, see Visibility.present)."""
+    if visibility.deidentified:
+        result.matches = [visibility.present(hit) for hit in result.matches]
+        result.included = [visibility.present(hit) for hit in result.included]
+    return result
 
 
 def _since(value: str) -> int:

@@ -31,7 +31,7 @@ from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 from cityhealth.security import audit as audit_chain
 from cityhealth.security.policy import Policy
-from cityhealth.security.visibility import held_by
+from cityhealth.security.visibility import Visibility, held_by
 
 #: Records of access: added (and chained, cityhealth.security.audit), never changed or deleted.
 APPEND_ONLY = frozenset({"AuditEvent"})
@@ -323,13 +323,14 @@ class Repository:
             raise not_found(f"{rtype}/{rid} is not known")
         with self.reading(conn) as tx:
             found = store.current(tx, rtype, rid, shard=self.known_shard(rtype, rid))
-            if found is not None and not self.policy.visibility(ctx, tx).sees(tx, found):
+            visibility = self.policy.visibility(ctx, tx)
+            if found is not None and not visibility.sees(tx, found):
                 found = None
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         if found.deleted:
             raise gone(f"{rtype}/{rid} was deleted")
-        return found
+        return visibility.present(found)
 
     def vread(
         self, ctx: AccessContext, rtype: str, rid: str, vid: str, conn: Connection | None = None
@@ -340,13 +341,14 @@ class Repository:
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         with self.reading(conn) as tx:
             found = store.version(tx, rtype, rid, int(vid), shard=self.known_shard(rtype, rid))
-            if found is not None and not self._sees_resource(ctx, tx, rtype, rid):
+            visibility = self.policy.visibility(ctx, tx)
+            if found is not None and not self._sees_resource(visibility, tx, rtype, rid):
                 found = None
         if found is None:
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         if found.deleted:
             raise gone(f"{rtype}/{rid} version {vid} is a deletion")
-        return found
+        return visibility.present(found)
 
     def read_any_version(
         self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
@@ -360,15 +362,17 @@ class Repository:
                 if ID_PATTERN.match(rid)
                 else None
             )
-            if found is not None and not self._sees_resource(ctx, tx, rtype, rid):
+            visibility = self.policy.visibility(ctx, tx)
+            if found is not None and not self._sees_resource(visibility, tx, rtype, rid):
                 found = None
         if found is None:
             raise not_found(f"{rtype}/{rid} is not known")
         return found
 
-    def _sees_resource(self, ctx: AccessContext, conn: Connection, rtype: str, rid: str) -> bool:
+    def _sees_resource(
+        self, visibility: Visibility, conn: Connection, rtype: str, rid: str
+    ) -> bool:
         """Whether the caller sees the resource now: its versions are seen with it."""
-        visibility = self.policy.visibility(ctx, conn)
         if visibility.everything:
             return visibility.can_see_type(rtype)
         found = store.current(conn, rtype, rid, shard=self.known_shard(rtype, rid))

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from cityhealth.fhir import jsonio
 from cityhealth.fhir.bundles import BundleProcessor
 from cityhealth.fhir.capability import capability_statement
+from cityhealth.fhir.clock import instant
 from cityhealth.fhir.engine import JSON_PATCH, FhirEngine
 from cityhealth.fhir.errors import FhirError, OutcomeIssue, bad_request, operation_outcome
 from cityhealth.fhir.http import (
@@ -207,6 +208,24 @@ def build_router(engine: FhirEngine) -> APIRouter:
             searchset(engine.definitions, result, base(request), url, _plain(params))
         )
 
+    @router.post("/Patient/{rid}/$break-glass", summary="Declare an emergency access")
+    async def break_glass(request: Request, rid: str) -> Response:
+        """Body: Parameters with `reason` (valueString). Answers the declaration's AuditEvent
+        reference and until when the patient's record is open to the caller."""
+        negotiate(request)
+        body = await json_body(request)
+        reason = _parameter(body, "reason")
+        stored = await run(engine.break_glass, caller(request), rid, reason)
+        until = stored.last_updated + settings.break_glass_minutes * 60_000_000
+        answer = {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "auditEvent", "valueReference": {"reference": f"AuditEvent/{stored.id}"}},
+                {"name": "expires", "valueInstant": instant(until)},
+            ],
+        }
+        return fhir_response(orjson.dumps(answer), 201)
+
     @router.get("/{rtype}/{rid}", summary="Read")
     async def read(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
@@ -266,3 +285,13 @@ def _plain(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _is_form(request: Request) -> bool:
     return request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+
+
+def _parameter(body: Any, name: str) -> Any:
+    """The value of the parameter `name` of a Parameters body (400 if the body is not one)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise bad_request("The body must be a Parameters resource")
+    for parameter in body.get("parameter") or ():
+        if isinstance(parameter, dict) and parameter.get("name") == name:
+            return next((v for k, v in parameter.items() if k.startswith("value")), None)
+    return None

@@ -12,9 +12,10 @@ uncorrelated `(shard, rid) IN (SELECT …)`, as the distribution of the store re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -39,6 +40,9 @@ from cityhealth.security.consent_shape import (
     SHARED_TYPES,
     ConsentTerms,
 )
+from cityhealth.security.deidentify import deidentify
+
+T = TypeVar("T")
 
 #: meta.tag of every record: the institution that holds it (code "Organization/<id>").
 HOLDER = "https://cityhealth.cn/fhir/CodeSystem/record-holder"
@@ -83,6 +87,12 @@ class Visibility:
     @property
     def unrestricted(self) -> bool:
         return self.everything and self.types is None
+
+    def present(self, item: T) -> T:
+        """A Stored row or search Hit as the caller receives it: de-identified for some."""
+        if not self.deidentified or item.body is None:  # type: ignore[attr-defined]
+            return item
+        return dataclasses.replace(item, body=deidentify(item.body))  # type: ignore[attr-defined, type-var]
 
     def can_see_type(self, rtype: str) -> bool:
         return self.types is None or rtype in self.types
