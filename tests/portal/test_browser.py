@@ -193,3 +193,41 @@ def test_the_pages_work_without_javascript(served: tuple[str, PortalEnv]) -> Non
         expect(page.locator("main")).to_contain_text("授权成功")
         expect(page.locator("ul.cards").first).to_contain_text("中宁县人民医院")
         browser.close()
+
+
+def test_the_sign_in_page_switches_language_and_keeps_the_login(
+    served: tuple[str, PortalEnv], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    base, env = served
+    person = resident(env, "周", "宁")
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=ARGS
+        )
+        # A phone without JavaScript: the switch and the form are plain links and posts.
+        page = browser.new_page(
+            locale="zh-CN", java_script_enabled=False, viewport={"width": 390, "height": 844}
+        )
+        page.set_default_timeout(20_000)
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.goto(f"{base}/access-log")
+        expect(page.locator("h1")).to_have_text("登录")
+        expect(page.locator("label[for=username]")).to_have_text("用户名")
+        page.screenshot(path=str(tmp_path / "sign-in-zh.png"), full_page=True)
+        page.click("nav.languages >> text=English")
+        expect(page.locator("h1")).to_have_text("Sign in")
+        assert page.evaluate("document.documentElement.lang") == "en"
+        assert page.url.startswith(f"{base}/oauth/authorize?")
+        page.screenshot(path=str(tmp_path / "sign-in-en.png"), full_page=True)
+        page.fill("#username", person.username)
+        page.fill("#password", "Wrong-password-1")
+        page.click("main button[type=submit]")
+        expect(page.locator("#error")).to_have_text("The user name or password is not correct.")
+        page.fill("#password", PASSWORD)
+        page.click("main button[type=submit]")
+        expect(page.locator("h1")).to_have_text("Who accessed my record")
+        browser.close()
+    assert problems == []

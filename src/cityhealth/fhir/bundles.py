@@ -115,12 +115,15 @@ class BundleProcessor:
             raise bad_request("Bundle.type must be 'transaction' or 'batch'", "Bundle.type")
         self.engine.repository.validate(_skeleton(bundle), "Bundle")
         entries = [self._entry(i, e, kind) for i, e in enumerate(bundle.get("entry", []))]
-        if kind == "transaction":
-            with self.engine.repository.transaction(conn) as tx:
-                self._transaction(ctx, entries, tx, base)
-        else:
-            for entry in sorted(entries, key=lambda e: ORDER.get(e.method, 9)):
-                self._batch_entry(ctx, entry, base, conn)
+        # Each entry records itself; a transaction that fails is recorded as a whole.
+        with self.engine.auditor.action(ctx, kind, "", conn) as seen:
+            seen.recorded = True
+            if kind == "transaction":
+                with self.engine.repository.transaction(conn) as tx:
+                    self._transaction(ctx, entries, tx, base)
+            else:
+                for entry in sorted(entries, key=lambda e: ORDER.get(e.method, 9)):
+                    self._batch_entry(ctx, entry, base, conn)
         return {
             "resourceType": "Bundle",
             "id": str(uuid.uuid4()),
@@ -349,7 +352,7 @@ class BundleProcessor:
             if entry.query:
                 engine.conditional_delete(ctx, rtype, entry.query, conn)
             elif len(parts) == 2:
-                engine.repository.delete(ctx, rtype, parts[1], conn)
+                engine.delete(ctx, rtype, parts[1], conn)
             else:
                 raise bad_request(f"DELETE url must be Type/id or Type?criteria, not '{entry.url}'")
             entry.response = {"response": {"status": _status(204)}}
@@ -377,9 +380,9 @@ class BundleProcessor:
             entry.response = {"resource": jsonio.loads(body), "response": {"status": _status(200)}}
             return
         if len(parts) == 2:
-            stored = engine.repository.read(ctx, parts[0], parts[1], conn)
+            stored = engine.read(ctx, parts[0], parts[1], conn)
         elif len(parts) == 4 and parts[2] == "_history":
-            stored = engine.repository.vread(ctx, parts[0], parts[1], parts[3], conn)
+            stored = engine.vread(ctx, parts[0], parts[1], parts[3], conn)
         else:
             raise bad_request(f"GET url '{entry.url}' is not supported in a Bundle")
         assert stored.body is not None

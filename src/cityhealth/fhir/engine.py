@@ -4,9 +4,12 @@ so a transaction entry behaves exactly like the same request made alone."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import Connection, not_, select, tuple_
 
@@ -32,6 +35,7 @@ from cityhealth.security.policy import Policy, forbidden, rules_for
 from cityhealth.security.visibility import Visibility
 
 JSON_PATCH = "application/json-patch+json"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,59 @@ def query_pairs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True)
 
 
+def _recorded(
+    interaction: str, what: Callable[[dict[str, Any]], str], writes: bool = False
+) -> Callable[[F], F]:
+    """Record the interaction in the audit trail (cityhealth.security.auditing): a write
+    records itself in its transaction; a read names what it returned; a refusal or failure is
+    recorded once rolled back. `what` names the target from the call's arguments."""
+
+    def decorate(method: F) -> F:
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def run(self: FhirEngine, *args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            request = arguments.get("request")
+            query = "?" + urlencode(request.canonical()) if request is not None else None
+            with self.auditor.action(
+                arguments["ctx"], interaction, what(arguments), arguments.get("conn"), query
+            ) as seen:
+                result = method(self, *args, **kwargs)
+                seen.recorded = writes and not (
+                    isinstance(result, CreateResult) and result.status == 200
+                )
+                seen.add(_touched(result))
+                return result
+
+        return cast(F, run)
+
+    return decorate
+
+
+def _touched(result: Any) -> list[Any]:
+    if isinstance(result, SearchResult):
+        return [*result.matches, *result.included]
+    if isinstance(result, HistoryPage):
+        return list(result.entries)
+    if isinstance(result, CreateResult):
+        return [result.write.stored]
+    if isinstance(result, WriteResult):
+        return [result.stored]
+    return [result] if isinstance(result, Stored) else []
+
+
+def _instance(arguments: dict[str, Any]) -> str:
+    rtype = arguments.get("rtype") or "Patient"
+    rid = arguments.get("rid") or arguments.get("patient_id")
+    return f"{rtype}/{rid}" if rid else str(arguments.get("rtype") or "")
+
+
+def _type(arguments: dict[str, Any]) -> str:
+    request = arguments.get("request")
+    return str(arguments.get("rtype") or (request.resource_type if request is not None else ""))
+
+
 class FhirEngine:
     def __init__(self, db: Database, definitions: Definitions, settings: Settings) -> None:
         self.db = db
@@ -51,6 +108,7 @@ class FhirEngine:
         self.settings = settings
         self.policy = Policy(settings.break_glass_minutes)
         self.repository = Repository(db, definitions, self.policy)
+        self.auditor = self.repository.auditor
         self.parser = QueryParser(
             definitions, settings.search_default_count, settings.search_max_count
         )
@@ -68,6 +126,7 @@ class FhirEngine:
     ) -> SearchRequest:
         return self.parser.parse_system(params, lenient)
 
+    @_recorded("search", _type)
     def search(
         self,
         ctx: AccessContext,
@@ -97,7 +156,21 @@ class FhirEngine:
         request.includes = []
         return self.searcher.run(conn, request, None, self.policy.visibility(ctx, conn)).matches
 
+    # -- reads --------------------------------------------------------------------------------
+    @_recorded("read", _instance)
+    def read(
+        self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
+    ) -> Stored:
+        return self.repository.read(ctx, rtype, rid, conn)
+
+    @_recorded("vread", _instance)
+    def vread(
+        self, ctx: AccessContext, rtype: str, rid: str, vid: str, conn: Connection | None = None
+    ) -> Stored:
+        return self.repository.vread(ctx, rtype, rid, vid, conn)
+
     # -- writes ---------------------------------------------------------------------------
+    @_recorded("create", _type, writes=True)
     def create(
         self,
         ctx: AccessContext,
@@ -120,6 +193,7 @@ class FhirEngine:
                     return CreateResult(WriteResult(stored, False), 200)
             return CreateResult(self.repository.create(ctx, body, rtype, tx), 201)
 
+    @_recorded("update", _instance, writes=True)
     def update(
         self,
         ctx: AccessContext,
@@ -131,6 +205,7 @@ class FhirEngine:
     ) -> WriteResult:
         return self.repository.update(ctx, rtype, rid, body, if_match, conn)
 
+    @_recorded("update", _type, writes=True)
     def conditional_update(
         self,
         ctx: AccessContext,
@@ -158,6 +233,7 @@ class FhirEngine:
             body["id"] = hits[0].id
             return self.repository.update(ctx, rtype, hits[0].id, body, if_match, tx)
 
+    @_recorded("delete", _type, writes=True)
     def conditional_delete(
         self, ctx: AccessContext, rtype: str, query: str, conn: Connection | None = None
     ) -> int:
@@ -170,6 +246,13 @@ class FhirEngine:
                 self.repository.delete(ctx, rtype, hit.id, tx)
             return len(hits)
 
+    @_recorded("delete", _instance, writes=True)
+    def delete(
+        self, ctx: AccessContext, rtype: str, rid: str, conn: Connection | None = None
+    ) -> Stored | None:
+        return self.repository.delete(ctx, rtype, rid, conn)
+
+    @_recorded("patch", _instance, writes=True)
     def patch(
         self,
         ctx: AccessContext,
@@ -206,6 +289,7 @@ class FhirEngine:
             return self.repository.update(ctx, rtype, rid, patched, None, tx, method="PATCH")
 
     # -- history --------------------------------------------------------------------------
+    @_recorded("history", _instance)
     def history(
         self,
         ctx: AccessContext,
@@ -232,6 +316,7 @@ class FhirEngine:
         return page
 
     # -- break-glass --------------------------------------------------------------------------
+    @_recorded("operation", _instance, writes=True)
     def break_glass(self, ctx: AccessContext, patient_id: str, reason: Any) -> Stored:
         """Declare an emergency for one patient (cityhealth.security.break_glass): their whole
         record opens to the caller for `break_glass_minutes`, and the declaration is recorded
@@ -245,6 +330,7 @@ class FhirEngine:
             return declare(self.repository, tx, ctx, patient_id, reason.strip())
 
     # -- $everything ------------------------------------------------------------------------
+    @_recorded("operation", _instance)
     def everything(
         self, ctx: AccessContext, rid: str, params: list[tuple[str, str]]
     ) -> SearchResult:
@@ -293,6 +379,8 @@ class FhirEngine:
                 where.append(r.c.deleted.is_(False))
                 if types:
                     where.append(r.c.type.in_(types))
+                else:  # the record of care, not the trail of who looked at it
+                    where.append(r.c.type != "AuditEvent")
                 if since is not None:
                     where.append(r.c.last_updated >= since)
                 if after is not None:

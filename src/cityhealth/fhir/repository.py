@@ -30,6 +30,7 @@ from cityhealth.fhir.sharding import shard_key
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 from cityhealth.security import audit as audit_chain
+from cityhealth.security.auditing import Auditor, audited, patients_by_row
 from cityhealth.security.policy import Policy
 from cityhealth.security.visibility import Visibility, held_by
 
@@ -68,6 +69,7 @@ class Repository:
         self.db = db
         self.definitions = definitions
         self.policy = policy or Policy()
+        self.auditor = Auditor(self)
         self.validator = Validator(definitions)
         self.indexer = Indexer(definitions)
 
@@ -210,25 +212,29 @@ class Repository:
         rtype: str | None = None,
         conn: Connection | None = None,
         rid: str | None = None,
+        validate: bool = True,
     ) -> WriteResult:
         """Create with a server-assigned id (any id in the body is replaced)."""
         rtype = rtype or (resource.get("resourceType") if isinstance(resource, dict) else None)
         if not isinstance(rtype, str):
             raise bad_request("The resource has no resourceType", "resourceType")
-        return self.create_many(ctx, [(rtype, resource, rid)], conn)[0]
+        return self.create_many(ctx, [(rtype, resource, rid)], conn, validate)[0]
 
     def create_many(
         self,
         ctx: AccessContext,
         items: list[tuple[str, Any, str | None]],
         conn: Connection | None = None,
+        validate: bool = True,
     ) -> list[WriteResult]:
         """Create (type, resource, id or None for a new one) items together, in one
-        transaction; a failing item raises with `FhirError.index` set to its position."""
+        transaction; a failing item raises with `FhirError.index` set to its position.
+        `validate=False` is for resources the platform builds itself (its audit records)."""
         for position, (rtype, resource, _rid) in enumerate(items):
             try:
                 self.check_type(rtype)
-                self.validate(resource, rtype)
+                if validate:
+                    self.validate(resource, rtype)
             except FhirError as error:
                 error.index = position
                 raise
@@ -245,6 +251,7 @@ class Repository:
                     error.index = position
                     raise
             written = self._write(tx, prepared, "POST")
+            self.auditor.written(ctx, tx, "create", written)
         return [WriteResult(stored, True) for stored in written]
 
     def update(
@@ -286,6 +293,7 @@ class Repository:
                     f"Version {if_match} is not the current version of {rtype}/{rid} ({have})"
                 )
             (stored,) = self._write(tx, [(resource, rtype, rid, previous, indexed)], method)
+            self.auditor.written(ctx, tx, interaction, [stored])
         return WriteResult(stored, previous is None or previous.deleted)
 
     def delete(
@@ -303,6 +311,8 @@ class Repository:
             if rtype in APPEND_ONLY:
                 raise append_only(rtype)
             self.policy.check_write(ctx, tx, rtype, "delete", set(), previous)
+            row = (previous.shard, previous.rid)
+            patients = patients_by_row(tx, [row]) if audited(ctx) else {}
             us = now_us()
             shard = previous.shard  # a deleted resource stays where it was
             stored = Stored(
@@ -311,6 +321,7 @@ class Repository:
             store.replace_current(tx, previous.rid, shard, stored.version, us, None)
             store.clear_index(tx, shard, previous.rid)
             store.add_history(tx, [stored])
+            self.auditor.written(ctx, tx, "delete", [stored], patients)
             return stored
 
     # -- reads ----------------------------------------------------------------------------

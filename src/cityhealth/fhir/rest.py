@@ -229,7 +229,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.get("/{rtype}/{rid}", summary="Read")
     async def read(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
-        stored = await run(engine.repository.read, caller(request), rtype, rid)
+        stored = await run(engine.read, caller(request), rtype, rid)
         return resource_response(stored)
 
     @router.put("/{rtype}/{rid}", summary="Update (or create with this id)")
@@ -252,7 +252,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.delete("/{rtype}/{rid}", summary="Delete")
     async def delete(request: Request, rtype: str, rid: str) -> Response:
         negotiate(request)
-        await run(engine.repository.delete, caller(request), rtype, rid)
+        await run(engine.delete, caller(request), rtype, rid)
         return fhir_response(None, 204)
 
     @router.get("/{rtype}/{rid}/_history", summary="Instance history")
@@ -266,7 +266,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="Version read")
     async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
         negotiate(request)
-        stored = await run(engine.repository.vread, caller(request), rtype, rid, vid)
+        stored = await run(engine.vread, caller(request), rtype, rid, vid)
         return resource_response(stored)
 
     return router

@@ -108,7 +108,9 @@ def build_access_log_router(portal: Portal) -> APIRouter:
             # A page link that no longer fits (or was altered): start from the newest again.
             params.pop()
             result = engine.search(context, engine.parse_search("AuditEvent", params))
-        lines = [access_line(jsonio.loads(hit.body)) for hit in result.matches]
+        events = [jsonio.loads(hit.body) for hit in result.matches]
+        # The resident's own doings (opening this page, say) are not others' accesses.
+        lines = [access_line(e) for e in events if _requestor_ref(e) != context.who]
         return portal.render(
             call.request,
             "access_log.html",
@@ -141,6 +143,13 @@ def access_line(event: dict[str, Any]) -> AccessLine:
         purpose=_purpose(event, requestor),
         succeeded=str(event.get("outcome", "0")) == "0",
     )
+
+
+def _requestor_ref(event: dict[str, Any]) -> str | None:
+    agents = [a for a in event.get("agent") or () if isinstance(a, dict)]
+    requestor = next((a for a in agents if a.get("requestor")), agents[0] if agents else {})
+    reference = (requestor.get("who") or {}).get("reference")
+    return reference if isinstance(reference, str) else None
 
 
 def _moment(value: Any) -> datetime | None:

@@ -8,6 +8,7 @@ of its Accept-Language header, else Chinese. Times are shown in Asia/Shanghai.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import date, datetime
 from functools import cache
@@ -16,9 +17,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from babel.dates import format_date, format_datetime
+from babel.lists import format_list
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.support import Translations
+from babel.units import format_unit
 
 ZH, EN = "zh_CN", "en"
 LOCALES = (ZH, EN)
@@ -96,6 +99,16 @@ def ngettext(singular: str, plural: str, count: int) -> str:
 def pick(zh: str, en: str) -> str:
     """One of a pair of texts kept in both languages (roles, policy messages …)."""
     return en if current() == EN else zh
+
+
+def show_list(items: Iterable[str]) -> str:
+    """Words joined as a list in the current language ("read and search", "查看和检索")."""
+    return format_list(list(items), locale=current())
+
+
+def show_seconds(seconds: int) -> str:
+    """A number of seconds in words of the current language ("60 seconds", "60秒钟")."""
+    return format_unit(seconds, "duration-second", length="long", locale=current())
 
 
 def show_time(moment: datetime | None) -> str:

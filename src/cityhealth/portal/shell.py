@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +55,34 @@ RESIDENTS_ONLY = N_("This page is for residents.")
 NOT_FOUND = N_("The page or record was not found.")
 UNAVAILABLE = N_("The service is unavailable for a moment. Please try again later.")
 FAILED = N_("Something went wrong; it has been logged. Please try again.")
+
+
+@cache
+def template_environment() -> Environment:
+    """The portal's templates, escaping every value, with gettext in the current language.
+
+    One environment for the portal and the authorization endpoint's sign-in pages, so both
+    have the same look, the same catalogs and the same language switch.
+    """
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        extensions=["jinja2.ext.i18n"],
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.install_gettext_callables(  # type: ignore[attr-defined]
+        i18n.gettext, i18n.ngettext, newstyle=True
+    )
+    env.globals.update(
+        show_time=i18n.show_time,
+        show_date=i18n.show_date,
+        show_list=i18n.show_list,
+        show_seconds=i18n.show_seconds,
+        pick=i18n.pick,
+    )
+    return env
 
 
 @dataclass(frozen=True)
@@ -103,18 +132,7 @@ class Portal:
         self.sessions = sessions
         self.settings = settings
         self.htmx = htmx
-        self.env = Environment(
-            loader=FileSystemLoader(TEMPLATES),
-            autoescape=select_autoescape(["html"]),
-            undefined=StrictUndefined,
-            extensions=["jinja2.ext.i18n"],
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-        self.env.install_gettext_callables(  # type: ignore[attr-defined]
-            i18n.gettext, i18n.ngettext, newstyle=True
-        )
-        self.env.globals.update(show_time=i18n.show_time, show_date=i18n.show_date, pick=i18n.pick)
+        self.env = template_environment()
 
     # Rendering
 

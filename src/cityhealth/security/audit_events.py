@@ -5,6 +5,7 @@ who (agent: the person or client, their role, organization and network address),
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,13 +41,56 @@ ACTIONS = {
 }
 #: Outcome codes of R4: success, minor failure (refused), serious failure.
 SUCCESS, REFUSED, FAILED = "0", "4", "8"
+#: Codes of http://hl7.org/fhir/restful-interaction this trail uses as subtypes.
+RESTFUL_CODES = frozenset(
+    {"read", "vread", "update", "patch", "delete", "history", "create", "search", "batch"}
+    | {"transaction", "operation"}
+)
+BREAK_GLASS_PURPOSE = [
+    {"coding": [{"system": ACT_REASON, "code": code} for code in ("BTG", "ETREAT")]}
+]
+PENDING_REVIEW = {"system": REVIEW, "code": "pending", "display": "待复核 (to be reviewed)"}
+#: The legal basis of processing by role (PIPL art. 13, 28; 基本医疗卫生与健康促进法 art. 92):
+#: the resident's own request; medical care and emergencies; statutory duties.
+_BASIS = {
+    "resident": "own-request",
+    "doctor": "medical-care",
+    "nurse": "medical-care",
+    "pharmacist": "medical-care",
+    "system": "medical-care",
+    "regulator": "statutory-duty",
+    "audit_admin": "statutory-duty",
+    "platform_admin": "operations",
+    "institution_admin": "operations",
+}
+
+
+def legal_basis(ctx: AccessContext, emergency: bool = False) -> str:
+    if emergency:
+        return "emergency"
+    return _BASIS.get(ctx.role, "operations")
+
+
+#: The purpose of use of an action whose request states none, by role (v3-ActReason).
+_DEFAULT_PURPOSE = {
+    "resident": "PATRQT",
+    "doctor": "TREAT",
+    "nurse": "TREAT",
+    "pharmacist": "TREAT",
+    "regulator": "HOPERAT",
+    "audit_admin": "HOPERAT",
+    "platform_admin": "HSYSADMIN",
+    "institution_admin": "HOPERAT",
+    "security_admin": "HSYSADMIN",
+}
 
 
 def purposes(ctx: AccessContext) -> list[dict[str, Any]]:
-    if not ctx.purpose:
+    code = ctx.purpose or _DEFAULT_PURPOSE.get(ctx.role)
+    if not code:
         return []
-    system = ACT_REASON if ctx.purpose in ("BTG", "ETREAT", "TREAT") else PURPOSE_OF_USE
-    return [{"coding": [{"system": system, "code": ctx.purpose}]}]
+    system = ACT_REASON if code in ("BTG", "ETREAT", "TREAT", "PATRQT") else PURPOSE_OF_USE
+    return [{"coding": [{"system": system, "code": code}]}]
 
 
 def audit_event(
@@ -57,6 +101,7 @@ def audit_event(
     patients: Iterable[str] = (),
     entities: Iterable[str] = (),
     description: str | None = None,
+    query: str | None = None,
     purpose: list[dict[str, Any]] | None = None,
     legal_basis: str | None = None,
     tags: list[dict[str, Any]] | None = None,
@@ -98,8 +143,19 @@ def audit_event(
         {"what": {"reference": ref}, "type": {"system": ENTITY_TYPE, "code": "2"}}
         for ref in dict.fromkeys(entities)
     ]
+    if query:  # as IHE BALP records a search: the query, base64, in an entity of its own
+        found.append(
+            {
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": {"system": OBJECT_ROLE, "code": "24", "display": "Query"},
+                "query": base64.b64encode(query.encode()).decode(),
+                "description": query,
+            }
+        )
     if description and found:
         found[0]["description"] = description
+    elif description:
+        found.append({"type": {"system": ENTITY_TYPE, "code": "4"}, "description": description})
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": kind,

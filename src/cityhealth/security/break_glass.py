@@ -19,16 +19,17 @@ from cityhealth.fhir.schema import compartment, idx_date, idx_reference, idx_tok
 from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.store import Stored
 from cityhealth.security import audit
-from cityhealth.security.audit_events import ACT_REASON, REVIEW, SUBTYPE, audit_event
+from cityhealth.security.audit_events import (
+    BREAK_GLASS_PURPOSE,
+    PENDING_REVIEW,
+    SUBTYPE,
+    audit_event,
+)
 
 if TYPE_CHECKING:
     from cityhealth.fhir.repository import Repository
 
 BREAK_GLASS = "break-glass"
-PURPOSE = [
-    {"coding": [{"system": ACT_REASON, "code": "BTG"}, {"system": ACT_REASON, "code": "ETREAT"}]}
-]
-PENDING_REVIEW = {"system": REVIEW, "code": "pending", "display": "待复核 (to be reviewed)"}
 MIN_REASON = 4
 
 
@@ -42,7 +43,7 @@ def declare(
         (SUBTYPE, BREAK_GLASS),
         patients=[patient_id],
         description=reason,
-        purpose=PURPOSE,
+        purpose=BREAK_GLASS_PURPOSE,
         legal_basis="emergency",
         tags=[PENDING_REVIEW],
     )

@@ -3,7 +3,9 @@
 The code is good for one use within `code_seconds`, bound to the client, the redirect URI, the
 PKCE challenge and the granted scopes (requested ∩ role maximum ∩ client maximum). A request
 whose client or redirect URI is unknown is answered with a page, never redirected (RFC 6749
-§4.1.2.1); other errors go back to the client as `error` parameters of the redirect.
+§4.1.2.1); other errors go back to the client as `error` parameters of the redirect. The
+pages speak the person's language: the portal's choice (cookie, Accept-Language) for the GET,
+the form's `lang` field for the POST.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy.exc import SQLAlchemyError
 
+from cityhealth.portal import i18n
+from cityhealth.portal.shell import use_language
 from cityhealth.security import oauth_pages as pages
 from cityhealth.security.accounts import MUST_CHANGE, Account, PasswordRejected, normalize_username
 from cityhealth.security.clients import OAuthClient
@@ -47,6 +51,10 @@ _CARRIED = (
 class _PageError(Exception):
     """The request cannot be sent back (unknown client or redirect URI): show a page."""
 
+    def __init__(self, notice: str) -> None:
+        super().__init__(notice)
+        self.notice = notice
+
 
 class _RedirectError(Exception):
     def __init__(self, error: str, description: str, redirect_uri: str, state: str | None) -> None:
@@ -67,30 +75,38 @@ class _Request:
 
 def login_form(server: OAuthServer, request: Request) -> Response:
     """GET: the login form for a valid authorization request."""
+    use_language(request)
 
     def show() -> Response:
         auth = _check(server, single(request.query_params.multi_items()))
-        return pages.page(pages.login_page(auth.client.name, auth.scopes, auth.fields))
+        return pages.login_page(auth.client.name, auth.scopes, auth.fields)
 
-    return _answer(server, show)
+    query = request.url.query
+    return _answer(server, show, f"{request.url.path}?{query}" if query else request.url.path)
 
 
 def sign_in(server: OAuthServer, params: dict[str, str], address: str) -> Response:
     """POST: check the credentials (or the chosen patient) and redirect with a code."""
-    return _answer(server, lambda: _sign_in(server, params, address))
+    i18n.use(params.get(pages.LANG_FIELD, i18n.DEFAULT))
+    carried = {name: params[name] for name in _CARRIED if name in params}
+    back = pages.return_address(carried)
+    return _answer(server, lambda: _sign_in(server, params, address), back)
 
 
-def bad_form(description: str) -> Response:
-    return pages.page(pages.error_page(description), 400)
+def bad_form(description: str, back: str | None = None) -> Response:
+    """The page of a request too malformed to be sent back to its client."""
+    return pages.error_page(pages.Notice(pages.BAD_REQUEST, detail=description), 400, back)
 
 
-def _answer(server: OAuthServer, run: Callable[[], Response]) -> Response:
+def _answer(server: OAuthServer, run: Callable[[], Response], back: str | None) -> Response:
+    """`run`'s answer, or the page or redirect of what went wrong; `back` shows the request
+    again (in the other language)."""
     try:
         return run()
     except _PageError as error:
-        return bad_form(str(error))
+        return pages.error_page(pages.Notice(error.notice), 400, back)
     except OAuthError as error:  # a malformed request, before its client is known
-        return bad_form(error.description)
+        return bad_form(error.description, back)
     except _RedirectError as error:
         params = {"error": error.error, "error_description": error.description}
         if error.state is not None:
@@ -98,17 +114,17 @@ def _answer(server: OAuthServer, run: Callable[[], Response]) -> Response:
         return _redirect(server, error.redirect_uri, params)
     except SQLAlchemyError:
         log.exception("authorization endpoint: database error")
-        return pages.page(pages.error_page(pages.UNAVAILABLE), 503)
+        return pages.error_page(pages.Notice(pages.UNAVAILABLE), 503, back)
 
 
 def _check(server: OAuthServer, params: dict[str, str]) -> _Request:
     client_id = params.get("client_id", "")
     client = server.accounts.client(client_id) if client_id else None
     if client is None or not client.active:
-        raise _PageError("未知或已停用的应用（client_id）。")
+        raise _PageError(pages.UNKNOWN_CLIENT)
     redirect_uri = params.get("redirect_uri", "")
     if redirect_uri not in client.redirect_uris:  # exact match (RFC 6749 §3.1.2.3)
-        raise _PageError("回调地址（redirect_uri）与该应用登记的不一致。")
+        raise _PageError(pages.WRONG_REDIRECT_URI)
     state = params.get("state")
 
     def refuse(error: str, description: str) -> _RedirectError:
@@ -150,35 +166,40 @@ def _sign_in(server: OAuthServer, params: dict[str, str], address: str) -> Respo
     if wait:
         return _too_many(auth, wait)
 
-    def form(message: str, change_password: bool = False) -> Response:
-        html = pages.login_page(
-            auth.client.name,
-            auth.scopes,
-            auth.fields,
-            message=message,
-            username=username,
-            change_password=change_password,
+    def form(notice: pages.Notice, change_password: bool = False) -> Response:
+        if change_password:
+            return pages.password_page(
+                auth.client.name,
+                auth.scopes,
+                auth.fields,
+                server.accounts.policy,
+                notice=notice,
+                username=username,
+            )
+        return pages.login_page(
+            auth.client.name, auth.scopes, auth.fields, notice=notice, username=username
         )
-        return pages.page(html)
 
     password, new_password = params.get("password", ""), params.get("new_password")
     if not username or not password:
-        return form(pages.GENERIC_LOGIN_ERROR)
+        return form(pages.Notice(pages.LOGIN_FAILED))
     if new_password is not None:
         if new_password != params.get("new_password_confirm"):
-            return form(pages.PASSWORDS_DIFFER, change_password=True)
+            return form(pages.Notice(pages.PASSWORDS_DIFFER), change_password=True)
         try:
             result = server.accounts.change_password(username, password, new_password)
         except PasswordRejected as error:
-            return form(" ".join(v.message_zh for v in error.violations), change_password=True)
+            reasons = tuple(i18n.pick(v.message_zh, v.message_en) for v in error.violations)
+            notice = pages.Notice(pages.PASSWORD_REJECTED, reasons=reasons)
+            return form(notice, change_password=True)
     else:
         result = server.accounts.authenticate(username, password)
     if result.outcome == MUST_CHANGE:
-        return form(pages.PASSWORD_EXPIRED, change_password=True)
+        return form(pages.Notice(pages.PASSWORD_EXPIRED), change_password=True)
     if not result.ok or result.account is None:
         # Wrong password, unknown name and locked account look the same (the result says
         # which, for the audit trail).
-        return form(pages.GENERIC_LOGIN_ERROR, change_password=new_password is not None)
+        return form(pages.Notice(pages.LOGIN_FAILED), change_password=new_password is not None)
     session = server.accounts.create_session(result.account.id)
     return _issue_code(server, auth, result.account, session, chosen=None)
 
@@ -188,10 +209,8 @@ def _continue_session(server: OAuthServer, auth: _Request, params: dict[str, str
     account_id = server.accounts.touch_session(token_digest(session))
     account = server.accounts.account(account_id) if account_id else None
     if account is None:
-        html = pages.login_page(
-            auth.client.name, auth.scopes, auth.fields, message=pages.SESSION_ENDED
-        )
-        return pages.page(html)
+        notice = pages.Notice(pages.SESSION_ENDED)
+        return pages.login_page(auth.client.name, auth.scopes, auth.fields, notice=notice)
     return _issue_code(server, auth, account, session, chosen=params.get("patient", ""))
 
 
@@ -211,11 +230,11 @@ def _issue_code(
         elif len(links) == 1:
             patient = links[0][0]
         elif links:
-            message = pages.CHOOSE_A_PATIENT if chosen else None
-            html = pages.choose_patient_page(
-                auth.client.name, auth.fields, session, links, message=message
+            # No choice at all is the language switch: the same question, in other words.
+            notice = pages.Notice(pages.CHOOSE_A_PATIENT) if chosen else None
+            return pages.choose_patient_page(
+                auth.client.name, auth.fields, session, links, notice=notice
             )
-            return pages.page(html)
         else:
             granted = tuple(scope for scope in granted if not _needs_patient(scope))
     if not granted:
@@ -243,9 +262,14 @@ def _needs_patient(scope: str) -> bool:
 
 
 def _too_many(auth: _Request, wait: int) -> Response:
-    message = f"尝试次数过多，请 {wait} 秒后再试。"
-    html = pages.login_page(auth.client.name, auth.scopes, auth.fields, message=message)
-    return pages.page(html, 429, {"Retry-After": str(wait)})
+    return pages.login_page(
+        auth.client.name,
+        auth.scopes,
+        auth.fields,
+        notice=pages.Notice(pages.TOO_MANY_ATTEMPTS, seconds=wait),
+        status=429,
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _redirect(server: OAuthServer, uri: str, params: dict[str, str]) -> Response:
