@@ -36,6 +36,7 @@ from cityhealth.request_log import RequestLog
 from cityhealth.security.guard import BearerGuard
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security
+from cityhealth.security.sign_in_audit import SignInRecorder
 
 log = logging.getLogger("cityhealth.http")
 _HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly"}
@@ -88,7 +89,13 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.include_router(build_export_router(engine, runner, exports))
     app.include_router(build_router(engine))
     app.include_router(
-        build_oauth_router(security.accounts, security.tokens, security.keyring, security.settings)
+        build_oauth_router(
+            security.accounts,
+            security.tokens,
+            security.keyring,
+            security.settings,
+            SignInRecorder(engine.repository),
+        )
     )
     register_portal(app, engine, security, settings)
 

@@ -28,6 +28,7 @@ from cityhealth.security.accounts import Account, Accounts
 from cityhealth.security.keys import KeyRing
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security, security_settings
+from cityhealth.security.sign_in_audit import SignInRecorder
 from cityhealth.security.tokens import TokenService
 from manual_clock import ManualClock
 
@@ -78,7 +79,8 @@ def build_env(
     security = Security(config, Accounts(db, config, clock), keyring, tokens, timedelta(days=30))
     engine = FhirEngine(db, definitions, settings)
     app = FastAPI()
-    app.include_router(build_oauth_router(security.accounts, tokens, keyring, config))
+    recorder = SignInRecorder(engine.repository)
+    app.include_router(build_oauth_router(security.accounts, tokens, keyring, config, recorder))
     portal = register_portal(app, engine, security, settings)
     return PortalEnv(app, engine, security, portal, clock, settings)
 

@@ -157,8 +157,13 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
         wanted, warnings = parse_export(engine.definitions, level, group_id, params, url, lenient)
         ctx = caller(request)
         wanted = dataclasses.replace(wanted, access=ctx)
-        await run_in_threadpool(export.check, ctx, wanted)
-        job_id = await run_in_threadpool(runner.submit, EXPORT_KIND, wanted.to_json(), ctx.who)
+
+        def submit() -> str:  # recorded in the audit trail, refused or accepted
+            with engine.auditor.action(ctx, "operation", "", query=url):
+                export.check(ctx, wanted)
+                return runner.submit(EXPORT_KIND, wanted.to_json(), ctx.who)
+
+        job_id = await run_in_threadpool(submit)
         accepted = OutcomeIssue("information", "informational", f"Export {job_id} accepted")
         return fhir_response(
             orjson.dumps(operation_outcome([accepted, *warnings])),
@@ -223,12 +228,17 @@ def build_export_router(engine: FhirEngine, runner: JobRunner, export: BulkExpor
 
     @router.get("/_export-file/{job_id}/{name}", summary="One NDJSON file of an export")
     async def download(request: Request, job_id: str, name: str) -> Response:
-        found = await run_in_threadpool(owned, request, job_id)
-        names = ExportOutput.from_json(found.result).files if found.result else []
-        path = export.directory_of(job_id) / name
-        if found.status != COMPLETED or name not in {f.name for f in names} or not path.is_file():
-            raise not_found(f"Export {job_id} has no file {name}")
-        return FileResponse(path, media_type=NDJSON)
+        def file_of() -> Path:  # recorded in the audit trail: the data leaves here
+            with engine.auditor.action(caller(request), "read", "", query=request.url.path):
+                found = owned(request, job_id)
+                names = ExportOutput.from_json(found.result).files if found.result else []
+                path = export.directory_of(job_id) / name
+                listed = name in {f.name for f in names}
+                if found.status != COMPLETED or not listed or not path.is_file():
+                    raise not_found(f"Export {job_id} has no file {name}")
+                return path
+
+        return FileResponse(await run_in_threadpool(file_of), media_type=NDJSON)
 
     return router
 

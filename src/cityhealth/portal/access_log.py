@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from cityhealth.fhir import jsonio
+from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.errors import FhirError
 from cityhealth.portal import i18n
@@ -33,6 +34,7 @@ from cityhealth.security.roles import ROLES
 from cityhealth.security.schema import from_us
 
 PAGE_SIZE = 20
+_MAX_SEARCHES = 5
 _ACTIONS = {
     "C": N_("Created"),
     "R": N_("Viewed"),
@@ -91,26 +93,43 @@ def build_access_log_router(portal: Portal) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     engine = portal.engine
 
+    def page_of(
+        context: AccessContext, cursor: str | None
+    ) -> tuple[list[AccessLine], str | None, str | None]:
+        """A page of others' accesses, newest first, and the cursors to the newer and older
+        ones. The resident's own doings (opening this page, signing in) are not listed, so
+        a page is filled from as many searches as that takes."""
+        lines: list[AccessLine] = []
+        newer: str | None = None
+        for attempt in range(_MAX_SEARCHES):
+            params = [("patient", context.patient or ""), ("_sort", "-date")]
+            params.append(("_count", str(PAGE_SIZE - len(lines))))
+            if cursor:
+                params.append(("_cursor", cursor))
+            result = engine.search(context, engine.parse_search("AuditEvent", params))
+            if attempt == 0:
+                newer = result.previous_cursor
+            events = [jsonio.loads(hit.body) for hit in result.matches]
+            lines += [access_line(e) for e in events if _requestor_ref(e) != context.who]
+            cursor = result.next_cursor
+            if len(lines) >= PAGE_SIZE or cursor is None:
+                break
+        return lines, newer, cursor
+
     def access_log(call: Call) -> Response:
         """One page of the accesses to the patient's record, newest first."""
         context = call.viewer.acting_for(call.request.query_params.get("for"))
         if context is None or context.patient is None:
             return portal.message(call.request, NOT_FOUND, 404, call.viewer)
-        params = [("patient", context.patient), ("_sort", "-date"), ("_count", str(PAGE_SIZE))]
         cursor = call.request.query_params.get("page")
-        if cursor:
-            params.append(("_cursor", cursor))
         try:
-            result = engine.search(context, engine.parse_search("AuditEvent", params))
+            lines, newer, older = page_of(context, cursor)
         except FhirError as error:
             if error.status != 400 or not cursor:
                 raise
             # A page link that no longer fits (or was altered): start from the newest again.
-            params.pop()
-            result = engine.search(context, engine.parse_search("AuditEvent", params))
-        events = [jsonio.loads(hit.body) for hit in result.matches]
-        # The resident's own doings (opening this page, say) are not others' accesses.
-        lines = [access_line(e) for e in events if _requestor_ref(e) != context.who]
+            cursor = None
+            lines, newer, older = page_of(context, None)
         return portal.render(
             call.request,
             "access_log.html",
@@ -118,8 +137,8 @@ def build_access_log_router(portal: Portal) -> APIRouter:
             patient=context.patient,
             patients=portal.patient_choices(call.viewer, context),
             lines=lines,
-            newer=result.previous_cursor,
-            older=result.next_cursor,
+            newer=newer,
+            older=older,
             first_page=not cursor,
         )
 

@@ -87,6 +87,8 @@ _DEFAULT_PURPOSE = {
 
 def purposes(ctx: AccessContext) -> list[dict[str, Any]]:
     code = ctx.purpose or _DEFAULT_PURPOSE.get(ctx.role)
+    if code is None and ctx.role == "system":  # a hospital's system treats; the platform runs
+        code = "TREAT" if ctx.organization else "HOPERAT"
     if not code:
         return []
     system = ACT_REASON if code in ("BTG", "ETREAT", "TREAT", "PATRQT") else PURPOSE_OF_USE

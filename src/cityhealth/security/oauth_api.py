@@ -9,6 +9,7 @@ endpoints, `error` redirects or a page from the authorization endpoint. Blocking
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -29,6 +30,7 @@ from cityhealth.security.oauth_server import (
 )
 from cityhealth.security.rate_limit import RateLimiter
 from cityhealth.security.roles import ROLES
+from cityhealth.security.sign_in_audit import SignIn, not_recorded
 from cityhealth.security.tokens import TokenService
 
 CAPABILITIES = (
@@ -46,16 +48,21 @@ CAPABILITIES = (
 
 
 def build_oauth_router(
-    accounts: Accounts, tokens: TokenService, keyring: KeyRing, settings: SecuritySettings
+    accounts: Accounts,
+    tokens: TokenService,
+    keyring: KeyRing,
+    settings: SecuritySettings,
+    record: Callable[[SignIn], None] = not_recorded,
 ) -> APIRouter:
-    """The authorization server's routes; `accounts.clock` times codes and rate limits."""
+    """The authorization server's routes; `accounts.clock` times codes and rate limits;
+    `record` puts sign-ins and sign-outs into the audit trail."""
     grants = Grants(
         accounts.db,
         code_seconds=settings.code_seconds,
         refresh_days=settings.refresh_token_days,
         clock=accounts.clock,
     )
-    server = OAuthServer(accounts, tokens, grants, settings, RateLimiter(accounts.clock))
+    server = OAuthServer(accounts, tokens, grants, settings, RateLimiter(accounts.clock), record)
     router = APIRouter(tags=["OAuth 2.0 / SMART"])
 
     @router.get("/.well-known/smart-configuration", summary="SMART App Launch configuration")

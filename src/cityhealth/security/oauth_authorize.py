@@ -23,12 +23,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from cityhealth.portal import i18n
 from cityhealth.portal.shell import use_language
 from cityhealth.security import oauth_pages as pages
-from cityhealth.security.accounts import MUST_CHANGE, Account, PasswordRejected, normalize_username
+from cityhealth.security.accounts import (
+    MUST_CHANGE,
+    Account,
+    LoginResult,
+    PasswordRejected,
+    normalize_username,
+)
 from cityhealth.security.clients import OAuthClient
 from cityhealth.security.grants import Grant
 from cityhealth.security.oauth_server import NO_STORE, OAuthError, OAuthServer, single
 from cityhealth.security.roles import ROLES, limit_scopes
 from cityhealth.security.scopes import parse_scopes
+from cityhealth.security.sign_in_audit import LOGIN, SignIn
 from cityhealth.security.tokens import token_digest
 
 log = logging.getLogger("cityhealth.security")
@@ -194,6 +201,7 @@ def _sign_in(server: OAuthServer, params: dict[str, str], address: str) -> Respo
             return form(notice, change_password=True)
     else:
         result = server.accounts.authenticate(username, password)
+    _record(server, result, username, address, new_password is not None)
     if result.outcome == MUST_CHANGE:
         return form(pages.Notice(pages.PASSWORD_EXPIRED), change_password=True)
     if not result.ok or result.account is None:
@@ -202,6 +210,24 @@ def _sign_in(server: OAuthServer, params: dict[str, str], address: str) -> Respo
         return form(pages.Notice(pages.LOGIN_FAILED), change_password=new_password is not None)
     session = server.accounts.create_session(result.account.id)
     return _issue_code(server, auth, result.account, session, chosen=None)
+
+
+def _record(
+    server: OAuthServer, result: LoginResult, username: str, address: str, changing: bool
+) -> None:
+    account = result.account
+    reason = "password_changed" if changing and result.ok else result.reason
+    server.record(
+        SignIn(
+            LOGIN,
+            result.ok,
+            account.fhir_user if account else username[:64],
+            account.role if account else "unknown",
+            address,
+            reason,
+            account.organization if account else None,
+        )
+    )
 
 
 def _continue_session(server: OAuthServer, auth: _Request, params: dict[str, str]) -> Response:

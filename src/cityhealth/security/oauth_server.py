@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from cityhealth.security.accounts import Accounts, SecuritySettings
 from cityhealth.security.grants import Grants
 from cityhealth.security.rate_limit import RateLimiter
+from cityhealth.security.sign_in_audit import SignIn, not_recorded
 from cityhealth.security.tokens import TokenService
 
 log = logging.getLogger("cityhealth.security")
@@ -31,6 +32,7 @@ class OAuthServer:
     grants: Grants
     settings: SecuritySettings
     limiter: RateLimiter
+    record: Callable[[SignIn], None] = not_recorded  # sign-ins into the audit trail
 
     @property
     def base(self) -> str:

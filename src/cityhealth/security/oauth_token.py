@@ -25,6 +25,7 @@ from cityhealth.security.oauth_server import (
     required,
 )
 from cityhealth.security.roles import ROLES, limit_scopes
+from cityhealth.security.sign_in_audit import LOGIN, LOGOUT, SignIn
 from cityhealth.security.tokens import InvalidToken
 
 _REFRESH_SCOPES = ("offline_access", "online_access")
@@ -49,8 +50,30 @@ def token(server: OAuthServer, params: dict[str, str], request: Request) -> Resp
         raise OAuthError(
             "temporarily_unavailable", "too many requests", 429, {"Retry-After": str(wait)}
         )
-    client = _authenticate_client(server, client_id, secret)
-    return JSONResponse(handler(server, client, params), headers=NO_STORE)
+    address = client_address(request)
+    try:
+        client = _authenticate_client(server, client_id, secret)
+        body = handler(server, client, params)
+    except OAuthError as error:
+        if grant_type == "client_credentials":
+            _record_system(server, client_id, address, False, error.error)
+        raise
+    if grant_type == "client_credentials":
+        _record_system(server, client_id, address, True, "ok", client.organization)
+    return JSONResponse(body, headers=NO_STORE)
+
+
+def _record_system(
+    server: OAuthServer,
+    client_id: str,
+    address: str,
+    ok: bool,
+    reason: str,
+    organization: str | None = None,
+) -> None:
+    """A system's sign-in with its client credentials, in the audit trail."""
+    who = f"Device/{client_id[:64]}"
+    server.record(SignIn(LOGIN, ok, who, "system", address, reason, organization))
 
 
 def revoke(server: OAuthServer, params: dict[str, str], request: Request) -> Response:
@@ -84,6 +107,9 @@ def logout(server: OAuthServer, request: Request) -> Response:
     if isinstance(session, str):
         server.accounts.revoke_session(session)
     server.accounts.revoke_access_token(claims.jti, claims.expires_at)
+    who = claims.fhir_user or f"Device/{claims.client_id}"
+    address = client_address(request)
+    server.record(SignIn(LOGOUT, True, who, claims.role, address, "ok", claims.organization))
     return Response(status_code=204, headers=NO_STORE)
 
 
