@@ -3,6 +3,7 @@
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     lockout_minutes: int = 15
     #: Minutes an emergency (break-glass) declaration opens a patient's record to its declarer.
     break_glass_minutes: int = 120
+    #: Days the audit trail keeps records of access (reads, searches), and of processing
+    #: (writes, sign-ins, emergencies), before `cityhealth audit prune` may remove them: at
+    #: least 6 months and 3 years (网络安全法 art. 21, 等保 level 3; medical records rules).
+    audit_access_days: int = Field(default=183, ge=183)
+    audit_processing_days: int = Field(default=1095, ge=1095)
     #: Hours a finished export (its job and files) is kept.
     export_retention_hours: int = 24
     #: Resources per NDJSON file; a larger type continues in Type.2.ndjson, …

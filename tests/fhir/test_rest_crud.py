@@ -546,3 +546,9 @@ def test_capability_statement(client: TestClient) -> None:
     interactions = {i["code"] for i in resources["Patient"]["interaction"]}
     assert {"read", "vread", "update", "delete", "create", "search-type"} <= interactions
     assert {"transaction", "batch"} <= {i["code"] for i in rest["interaction"]}
+    # SMART on FHIR: the API needs a token, and says where to get one.
+    assert rest["security"]["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    (uris,) = rest["security"]["extension"]
+    token = next(e["valueUri"] for e in uris["extension"] if e["url"] == "token")
+    assert token.endswith("/oauth/token")
+    assert client.get("/fhir/metadata", headers={"Authorization": ""}).status_code == 200

@@ -91,7 +91,36 @@ def _resource_entry(definitions: Definitions, rtype: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def capability_statement(definitions: Definitions, base: str) -> dict[str, Any]:
+def _security(issuer: str) -> dict[str, Any]:
+    """SMART App Launch: the OAuth endpoints (also at /.well-known/smart-configuration)."""
+    oauth = issuer.rstrip("/") + "/oauth"
+    return {
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    {"url": "authorize", "valueUri": f"{oauth}/authorize"},
+                    {"url": "token", "valueUri": f"{oauth}/token"},
+                    {"url": "revoke", "valueUri": f"{oauth}/revoke"},
+                ],
+            }
+        ],
+        "description": "Every interaction needs an OAuth 2.0 bearer token (SMART scopes); "
+        "the access rules of the record's institution, consents and roles apply.",
+    }
+
+
+def capability_statement(definitions: Definitions, base: str, issuer: str) -> dict[str, Any]:
     rev_includes: dict[str, list[str]] = {}
     for rtype in sorted(definitions.resource_types):
         for p in definitions.params_for(rtype).values():
@@ -117,6 +146,7 @@ def capability_statement(definitions: Definitions, base: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
+                "security": _security(issuer),
                 "documentation": "Refused search parameters: "
                 + "; ".join(f"{k}: {v}" for k, v in REFUSED.items())
                 + "; special parameters and composites other than token$value pairs are not"

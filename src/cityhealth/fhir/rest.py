@@ -90,7 +90,7 @@ def build_router(engine: FhirEngine) -> APIRouter:
     @router.get("/metadata", summary="CapabilityStatement")
     async def metadata(request: Request) -> Response:
         negotiate(request)
-        statement = capability_statement(engine.definitions, base(request))
+        statement = capability_statement(engine.definitions, base(request), settings.public_url)
         return fhir_response(orjson.dumps(statement))
 
     @router.api_route(

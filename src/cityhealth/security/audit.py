@@ -8,6 +8,11 @@ reordered or slipped in beside the chain.
 
 A chain alone cannot show that its newest rows were cut off; the head's hash is logged at
 every append so that an outside copy of the log anchors it.
+
+At the end of their retention the oldest events may be removed (`prune`), from the start of
+the chain only: an access record after `access_days`, any other after `processing_days`; the
+first event still kept stops the pruning. The last removed row's hash stays in `audit_anchor`,
+where the chain now starts.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, delete, insert, select, text
 
 from cityhealth.db import Database
-from cityhealth.fhir import store
+from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import SYSTEM
-from cityhealth.fhir.schema import resource
+from cityhealth.fhir.schema import resource, resource_history
 from cityhealth.fhir.store import Stored
-from cityhealth.security.schema import audit_chain
+from cityhealth.security.schema import audit_anchor, audit_chain
 
 if TYPE_CHECKING:
     from cityhealth.fhir.repository import Repository
@@ -35,6 +40,7 @@ log = logging.getLogger("cityhealth.audit")
 GENESIS = "0" * 64
 _LOCK = 7_220_419  # PostgreSQL advisory lock key: one appender at a time
 _BATCH = 1000
+_US_PER_DAY = 86_400_000_000
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,13 @@ def verify(db: Database) -> list[Problem]:
     """Every place where the trail differs from what was recorded; empty when it is intact."""
     problems: list[Problem] = []
     chained: set[str] = set()
-    expected_seq, prev_hash = 1, GENESIS
     with db.read() as conn:
+        anchor = conn.execute(
+            select(audit_anchor.c.seq, audit_anchor.c.hash)
+            .order_by(audit_anchor.c.seq.desc())
+            .limit(1)
+        ).first()
+        expected_seq, prev_hash = (anchor.seq + 1, anchor.hash) if anchor else (1, GENESIS)
         for row in _chain_rows(conn):
             chained.add(row.event_id)
             if row.seq != expected_seq:
@@ -110,6 +121,55 @@ def verify(db: Database) -> list[Problem]:
             if event_id not in chained:
                 problems.append(Problem(None, event_id, "stored outside the audit trail"))
     return problems
+
+
+#: Subtypes (restful-interaction) of the records of access; all others record processing.
+ACCESS_SUBTYPES = frozenset({"read", "vread", "search", "history", "operation"})
+
+
+def is_access_record(body: str) -> bool:
+    event = jsonio.loads(body)
+    subtypes = {s.get("code") for s in event.get("subtype") or ()}
+    return (event.get("type") or {}).get("code") == "rest" and bool(subtypes & ACCESS_SUBTYPES)
+
+
+def prune(db: Database, now_us: int, access_days: int, processing_days: int) -> int:
+    """Remove the events at the start of the chain whose retention has ended; how many."""
+    removed = 0
+    with db.write() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+        last = None
+        for row in _chain_rows(conn):
+            found = store.current(conn, "AuditEvent", row.event_id.removeprefix("AuditEvent/"))
+            kept_days = (
+                access_days
+                if found is not None and found.body and is_access_record(found.body)
+                else processing_days
+            )
+            if row.recorded_at >= now_us - kept_days * _US_PER_DAY:
+                break
+            if found is not None:
+                _remove(conn, found)
+            conn.execute(delete(audit_chain).where(audit_chain.c.seq == row.seq))
+            last, removed = row, removed + 1
+        if last is not None:
+            conn.execute(
+                insert(audit_anchor).values(
+                    seq=last.seq, hash=last.hash, pruned_at=now_us, events=removed
+                )
+            )
+            log.info(
+                "audit trail pruned through %s (%s events); anchor %s", last.seq, removed, last.hash
+            )
+    return removed
+
+
+def _remove(conn: Connection, event: Stored) -> None:
+    """An event and every trace of it in the store (its retention has ended)."""
+    store.clear_index(conn, event.shard, event.rid)
+    for table in (resource_history, resource):
+        conn.execute(delete(table).where(table.c.shard == event.shard, table.c.rid == event.rid))
 
 
 def _chain_rows(conn: Connection) -> Iterator[Any]:

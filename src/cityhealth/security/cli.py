@@ -208,3 +208,20 @@ def audit_verify() -> None:
     if problems:
         raise typer.Exit(1)
     typer.echo("audit trail intact")
+
+
+@audit.command("prune")
+def audit_prune() -> None:
+    """Remove the oldest events whose retention has ended (CITYHEALTH_AUDIT_ACCESS_DAYS for
+    records of access, CITYHEALTH_AUDIT_PROCESSING_DAYS for the others); the chain stays
+    verifiable from where it now starts."""
+    from cityhealth.config import get_settings
+    from cityhealth.fhir.clock import now_us
+    from cityhealth.security.audit import prune
+
+    settings = get_settings()
+    with _accounts() as accounts:
+        removed = prune(
+            accounts.db, now_us(), settings.audit_access_days, settings.audit_processing_days
+        )
+    typer.echo(f"{removed} audit events past their retention removed")

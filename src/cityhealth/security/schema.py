@@ -165,6 +165,16 @@ audit_chain = Table(
     Index("ix_audit_chain_recorded", "recorded_at"),
 )
 
+#: The last chain row removed at the end of its retention: the chain continues from its hash.
+audit_anchor = Table(
+    "audit_anchor",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("pruned_at", BigInteger, nullable=False),
+    Column("events", BigInteger, nullable=False),
+)
+
 TABLES = (
     account,
     account_password_history,
@@ -175,6 +185,7 @@ TABLES = (
     refresh_token,
     revoked_token,
     audit_chain,
+    audit_anchor,
 )
 
 
