@@ -137,7 +137,12 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             FhirError(500, "exception", "The server could not complete the request; it was logged")
         )
 
-    app.add_middleware(BearerGuard, tokens=security.tokens, revoked=security.accounts.is_revoked)
+    app.add_middleware(
+        BearerGuard,
+        tokens=security.tokens,
+        revoked=security.accounts.is_revoked,
+        fresh=security.accounts.revocations_fresh,
+    )
     app.add_middleware(RequestLog)
 
     @app.get("/healthz", tags=["operations"])

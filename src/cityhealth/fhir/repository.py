@@ -200,9 +200,7 @@ class Repository:
             index.append(IndexEntry(row_id, shard, rtype, rows, patients))
         store.add_history(conn, written)
         store.write_index(conn, index)
-        for stored in written:
-            if stored.type in APPEND_ONLY:
-                audit_chain.append(conn, stored)
+        audit_chain.append(conn, [stored for stored in written if stored.type in APPEND_ONLY])
         return written
 
     def create(
@@ -251,7 +249,11 @@ class Repository:
                     error.index = position
                     raise
             written = self._write(tx, prepared, "POST")
-            self.auditor.written(ctx, tx, "create", written)
+            patients = {
+                (stored.shard, stored.rid): item[4].patients
+                for stored, item in zip(written, prepared, strict=True)
+            }
+            self.auditor.written(ctx, tx, "create", written, patients)
         return [WriteResult(stored, True) for stored in written]
 
     def update(
@@ -293,7 +295,8 @@ class Repository:
                     f"Version {if_match} is not the current version of {rtype}/{rid} ({have})"
                 )
             (stored,) = self._write(tx, [(resource, rtype, rid, previous, indexed)], method)
-            self.auditor.written(ctx, tx, interaction, [stored])
+            patients = {(stored.shard, stored.rid): indexed.patients}
+            self.auditor.written(ctx, tx, interaction, [stored], patients)
         return WriteResult(stored, previous is None or previous.deleted)
 
     def delete(

@@ -285,10 +285,28 @@ class IndexEntry:
 
 
 def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
-    """Index rows and compartment membership of the entries, one statement per table for the
-    whole batch."""
+    """Index rows and compartment membership of the entries: on PostgreSQL one statement for a
+    few resources (an INSERT per table in one WITH), else one per table for the whole batch."""
+    batches: list[tuple[Table, tuple[str, ...], list[tuple[Any, ...]]]] = []
     for kind, table in INDEX_TABLES.items():
-        batch = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
-        _bulk(conn, table, ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]), batch)
+        rows = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
+        columns = ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind])
+        batches.append((table, columns, rows))
     members = [(e.rid, e.shard, p) for e in entries for p in e.patients]
-    _bulk(conn, compartment, ("rid", "shard", "patient_id"), members)
+    batches.append((compartment, ("rid", "shard", "patient_id"), members))
+    batches = [batch for batch in batches if batch[2]]
+    small = all(len(rows) < COPY_THRESHOLD for _, _, rows in batches)
+    if conn.dialect.name == "postgresql" and small and len(batches) > 1:
+        inserts: list[str] = []
+        params: list[Any] = []
+        for table, columns, rows in batches:
+            marks = f"({', '.join(['%s'] * len(columns))})"
+            values = ", ".join([marks] * len(rows))
+            inserts.append(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}")
+            params.extend(v for row in rows for v in row)
+        *first, last = inserts
+        ctes = ", ".join(f"w{n} AS ({sql})" for n, sql in enumerate(first))
+        conn.exec_driver_sql(f"WITH {ctes} {last}", tuple(params))
+        return
+    for table, columns, rows in batches:
+        _bulk(conn, table, columns, rows)

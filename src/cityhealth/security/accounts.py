@@ -37,6 +37,7 @@ from cityhealth.security.passwords import (
     register_failure,
     verify_password,
 )
+from cityhealth.security.revocations import RevokedTokens
 from cityhealth.security.roles import ROLES, check_person, is_reference
 from cityhealth.security.schema import (
     account,
@@ -134,6 +135,7 @@ class Accounts:
         self.db = db
         self.settings = settings or SecuritySettings()
         self.clock = clock
+        self._revoked = RevokedTokens()
 
     @property
     def policy(self) -> PasswordPolicy:
@@ -457,13 +459,24 @@ class Accounts:
                 conn.execute(insert(revoked_token).values(jti=jti, expires_at=to_us(expires_at)))
         except IntegrityError:
             pass  # revoked already
+        self._revoked.add(jti)
 
     def is_revoked(self, jti: str) -> bool:
+        """Whether an access token was revoked before it expired. The list (short: tokens live
+        minutes) is read again at most every second (revocations.py): a revocation made in
+        another worker process takes effect within that time, one made here at once, and a
+        request need not ask the database."""
+        return self._revoked.contains(jti, self._unexpired_revocations)
+
+    def revocations_fresh(self) -> bool:
+        """Whether `is_revoked` will answer without the database."""
+        return self._revoked.fresh()
+
+    def _unexpired_revocations(self) -> set[str]:
+        now = to_us(self.clock())
         with self.db.read() as conn:
-            return (
-                conn.scalar(select(revoked_token.c.jti).where(revoked_token.c.jti == jti))
-                is not None
-            )
+            query = select(revoked_token.c.jti).where(revoked_token.c.expires_at > now)
+            return set(conn.scalars(query))
 
 
 def _refusal_before_password(row: Row[Any] | None, now: datetime) -> LoginResult | None:

@@ -66,29 +66,36 @@ def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> S
     return repository.create(SYSTEM, event, "AuditEvent", conn=conn, validate=False).stored
 
 
-def append(conn: Connection, stored: Stored) -> None:
-    """Chain a newly written AuditEvent, in the transaction that writes it."""
+def append(conn: Connection, events: list[Stored]) -> None:
+    """Chain newly written AuditEvents, in the transaction that writes them."""
+    if not events:
+        return
     if conn.dialect.name == "postgresql":
         # SQLite's write lock already serializes; PostgreSQL writers take turns here.
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
     head = conn.execute(
         select(audit_chain.c.seq, audit_chain.c.hash).order_by(audit_chain.c.seq.desc()).limit(1)
     ).first()
-    seq, prev_hash = (head.seq + 1, head.hash) if head else (1, GENESIS)
-    event_ref = f"AuditEvent/{stored.id}"
-    body_digest = digest(stored.body or "")
-    row_hash = link(prev_hash, seq, event_ref, stored.last_updated, body_digest)
-    conn.execute(
-        audit_chain.insert().values(
-            seq=seq,
-            event_id=event_ref,
-            recorded_at=stored.last_updated,
-            body_digest=body_digest,
-            prev_hash=prev_hash,
-            hash=row_hash,
+    seq, prev_hash = (head.seq, head.hash) if head else (0, GENESIS)
+    rows = []
+    for stored in events:
+        seq += 1
+        event_ref = f"AuditEvent/{stored.id}"
+        body_digest = digest(stored.body or "")
+        row_hash = link(prev_hash, seq, event_ref, stored.last_updated, body_digest)
+        rows.append(
+            {
+                "seq": seq,
+                "event_id": event_ref,
+                "recorded_at": stored.last_updated,
+                "body_digest": body_digest,
+                "prev_hash": prev_hash,
+                "hash": row_hash,
+            }
         )
-    )
-    log.info("audit chain head %s %s", seq, row_hash)
+        prev_hash = row_hash
+    conn.execute(audit_chain.insert(), rows)
+    log.info("audit chain head %s %s", seq, prev_hash)
 
 
 def verify(db: Database) -> list[Problem]:

@@ -2,8 +2,9 @@
 
 - a write (create, update, patch, delete, bundle entries, consent changes) is recorded by the
   repository in the write's own transaction: the change and its record commit together;
-- a read, search, history, $everything or export kick-off is recorded, after the data was read
-  and before it is answered, in a transaction of its own;
+- a read, search, history, $everything or export kick-off is recorded after the data was read
+  and before it is answered, in a transaction shared with the reads of other requests that
+  finished meanwhile (a group commit: one commit and one turn of the chain's lock for all);
 - a refused or failed action is recorded in a transaction of its own, since its own rolled
   back: outcome 4 (refused, invalid) or 8 (failed), with what was asked for.
 The platform's own work (SYSTEM: imports, the audit records themselves) records nothing here.
@@ -15,7 +16,9 @@ find in "who accessed my record" (AuditEvent?patient=…).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,7 +29,6 @@ from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.errors import FhirError
 from cityhealth.fhir.schema import compartment
 from cityhealth.fhir.store import Stored
-from cityhealth.security import audit
 from cityhealth.security.audit_events import (
     BREAK_GLASS_PURPOSE,
     FAILED,
@@ -81,6 +83,55 @@ def patients_by_row(
     return found
 
 
+@dataclass
+class _Read:
+    """A read waiting for its records to be committed."""
+
+    ctx: AccessContext
+    interaction: str
+    seen: Seen
+    query: str | None
+    what: str
+    done: Future[None] = field(default_factory=Future)
+
+
+class _GroupCommit:
+    """Records of reads from many request threads, stored together: one transaction, one turn
+    of the chain's lock, one commit for every read that arrived in the meantime. The first
+    waiting thread writes; each thread returns once its own records are committed, so no answer
+    leaves without its record."""
+
+    def __init__(self, write: Callable[[list[_Read]], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._queue: list[_Read] = []
+        self._writing = False
+
+    def submit(self, read: _Read) -> None:
+        with self._lock:
+            self._queue.append(read)
+            lead, self._writing = not self._writing, True
+        if lead:
+            self._drain()
+        read.done.result()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._writing = False
+                    return
+            try:
+                self._write(batch)
+            except BaseException as error:  # each waiting request fails with its record
+                for read in batch:
+                    read.done.set_exception(error)
+            else:
+                for read in batch:
+                    read.done.set_result(None)
+
+
 class Auditor:
     """Records callers' actions. One AuditEvent per patient whose records an action touched,
     naming only that patient's records, so that what a patient reads of the trail tells them
@@ -90,6 +141,7 @@ class Auditor:
 
     def __init__(self, repository: Repository) -> None:
         self.repository = repository
+        self._reads = _GroupCommit(self._store_reads)
 
     def written(
         self,
@@ -99,13 +151,14 @@ class Auditor:
         stored: Iterable[Stored],
         patients: dict[tuple[int, int], set[str]] | None = None,
     ) -> None:
-        """Record a write inside its transaction (`patients` by row when the rows no longer
-        say, as after a deletion)."""
+        """Record a write inside its transaction; `patients` by row, when the writer knows them
+        (else they are read from the compartment rows)."""
         if not audited(ctx):
             return
         seen = Seen()
         seen.add(stored)
-        self._record_all(conn, ctx, interaction, seen, patients)
+        by_row = patients if patients is not None else patients_by_row(conn, seen.refs)
+        self._store(conn, self._events(conn, ctx, interaction, seen, by_row))
 
     @contextmanager
     def action(
@@ -129,36 +182,63 @@ class Auditor:
             if audited(ctx) and conn is None:
                 outcome = FAILED if error.status >= 500 else REFUSED
                 description = f"{error.status} {error.diagnostics}"[:500]
+                refs = [what] if _named(what) else []
                 with self.repository.db.write() as tx:
-                    refs = [what] if _named(what) else []
-                    self._record(tx, ctx, interaction, outcome, refs, set(), description, query)
+                    event = self._event(
+                        tx, ctx, interaction, outcome, refs, set(), description, query
+                    )
+                    self._store(tx, [event])
             raise
-        if audited(ctx) and not seen.recorded:
-            with self.repository.transaction(conn) as tx:
-                self._record_all(tx, ctx, interaction, seen, None, query, what)
+        if not audited(ctx) or seen.recorded:
+            return
+        if conn is not None:
+            by_row = patients_by_row(conn, seen.refs)
+            self._store(conn, self._events(conn, ctx, interaction, seen, by_row, query, what))
+        else:
+            self._reads.submit(_Read(ctx, interaction, seen, query, what))
 
-    def _record_all(
+    def _store_reads(self, reads: list[_Read]) -> None:
+        with self.repository.db.write() as conn:
+            by_row = patients_by_row(conn, [row for read in reads for row in read.seen.refs])
+            events = []
+            for r in reads:
+                mine = {row: by_row[row] for row in r.seen.refs if row in by_row}
+                events += self._events(conn, r.ctx, r.interaction, r.seen, mine, r.query, r.what)
+            self._store(conn, events)
+
+    def _store(self, conn: Connection, events: list[dict[str, Any]]) -> None:
+        items: list[tuple[str, Any, str | None]] = [("AuditEvent", e, None) for e in events]
+        self.repository.create_many(SYSTEM, items, conn, validate=False)
+
+    def _events(
         self,
         conn: Connection,
         ctx: AccessContext,
         interaction: str,
         seen: Seen,
-        patients: dict[tuple[int, int], set[str]] | None,
+        by_row: dict[tuple[int, int], set[str]],
         query: str | None = None,
         what: str = "",
-    ) -> None:
-        by_row = patients if patients is not None else patients_by_row(conn, seen.refs)
+    ) -> list[dict[str, Any]]:
         everyone = set().union(*by_row.values()) if by_row else set()
+        events = []
         for patient in sorted(everyone):
             refs = [ref for row, ref in seen.refs.items() if patient in by_row.get(row, ())]
-            self._record(conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], {patient})
+            events.append(
+                self._event(conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], {patient})
+            )
         if query is not None or len(everyone) != 1:
             refs = [ref for ref in seen.refs.values() if not ref.startswith("Patient/")]
             if not refs and _named(what):
                 refs = [what]
-            self._record(conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], set(), None, query)
+            events.append(
+                self._event(
+                    conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], set(), None, query
+                )
+            )
+        return events
 
-    def _record(
+    def _event(
         self,
         conn: Connection,
         ctx: AccessContext,
@@ -168,12 +248,12 @@ class Auditor:
         patients: set[str],
         description: str | None = None,
         query: str | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         emergency = bool(patients) and rules_for(ctx).break_glass
         if emergency:
             opened = self.repository.policy.emergency_patients(ctx, conn)
             emergency = bool(patients & opened)
-        event = audit_event(
+        return audit_event(
             ctx,
             interaction,
             (RESTFUL, interaction if interaction in RESTFUL_CODES else "operation"),
@@ -186,7 +266,6 @@ class Auditor:
             legal_basis=legal_basis(ctx, emergency),
             tags=[PENDING_REVIEW] if emergency else None,
         )
-        audit.record(self.repository, conn, event)
 
 
 def _named(what: str) -> bool:

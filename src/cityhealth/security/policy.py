@@ -43,7 +43,14 @@ from cityhealth.fhir.store import Stored
 from cityhealth.security.break_glass import open_emergencies
 from cityhealth.security.consent_shape import read_consent
 from cityhealth.security.scopes import allows, parse_scopes
-from cityhealth.security.visibility import HOLDER, Grant, Relation, Visibility, held_by
+from cityhealth.security.visibility import (
+    HOLDER,
+    Grant,
+    Relation,
+    Visibility,
+    held_by,
+    related_patients,
+)
 
 #: Types outside the patient compartment that every signed-in caller may read: the directory
 #: of institutions and people, and definitions (codes, medicines, forms, profiles).
@@ -226,9 +233,12 @@ class Policy:
             public_types=PUBLIC_TYPES if rules.public else frozenset(),
             patients=frozenset(patients | emergency),
             holder=ctx.organization if rules.holder else None,
-            actors=actors,
-            relations=rules.relations if actors else (),
-            grants=self.grants(actors, conn) if rules.consents and actors else (),
+            relations=(
+                (lambda: related_patients(conn, rules.relations, actors))
+                if rules.relations and actors
+                else None
+            ),
+            consents=(lambda: self.grants(actors, conn)) if rules.consents and actors else None,
             emergency=emergency,
         )
 
@@ -277,16 +287,23 @@ class Policy:
         `rtype` whose new version belongs to `patients`' compartments, over `previous`."""
         self.require(ctx, rtype, interaction)
         rules = rules_for(ctx)
+        if rtype == "AuditEvent" and ctx.role != "system":
+            # People's actions are recorded by the platform; systems report their own (ATNA).
+            raise forbidden("Only systems may report AuditEvents")
         if rules.everything and rules.only_types is None and not rules.deidentified:
             return
-        live = previous is not None and not previous.deleted
         if rules.own_compartments:
             own = {p for p in (_id(ctx.who), _id(ctx.patient)) if p}
             if interaction != "delete" and not (patients and patients <= own):
                 raise forbidden(f"A resident writes only records of their own ({rtype})")
-            if live and not self.visibility(ctx, conn).sees(conn, previous):  # type: ignore[arg-type]
-                raise forbidden(f"{rtype}/{previous.id} may not be changed")  # type: ignore[union-attr]
+            if (
+                previous is not None
+                and not previous.deleted
+                and not self.visibility(ctx, conn).sees(conn, previous)
+            ):
+                raise forbidden(f"{rtype}/{previous.id} may not be changed")
             return
+        live = previous is not None and not previous.deleted
         if rules.holder:
             if not live:
                 return  # a new record is held by the writer's organization (stamp_holder)

@@ -13,7 +13,8 @@ uncorrelated `(shard, rid) IN (SELECT …)`, as the distribution of the store re
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,11 +23,13 @@ from sqlalchemy import (
     Connection,
     FromClause,
     and_,
+    bindparam,
     exists,
     literal,
     not_,
     or_,
     select,
+    union_all,
 )
 
 from cityhealth.fhir import jsonio, store
@@ -61,6 +64,55 @@ class Relation:
 
 
 @dataclass(frozen=True)
+class Opened:
+    """Patients whose records of `types` (None: all) a relation opens to the caller."""
+
+    types: frozenset[str] | None
+    patients: frozenset[str]
+
+
+def related_patients(
+    conn: Connection, relations: tuple[Relation, ...], actors: tuple[tuple[str, str], ...]
+) -> list[Opened]:
+    """The patients each relation opens to `actors` (type, id), in one statement."""
+    params = {f"t{n}": kind for n, (kind, _) in enumerate(actors)}
+    params |= {f"i{n}": rid for n, (_, rid) in enumerate(actors)}
+    found: dict[int, set[str]] = {}
+    for row in conn.execute(_relations_query(relations, len(actors), conn.dialect.name), params):
+        found.setdefault(row.k, set()).add(row.patient_id)
+    return [
+        Opened(relations[k].types, frozenset(patients)) for k, patients in sorted(found.items())
+    ]
+
+
+@functools.lru_cache(maxsize=32)
+def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str) -> Any:
+    """Built once per shape (building the statement costs more than running it)."""
+    parts = []
+    for k, relation in enumerate(relations):
+        a, s, c = idx_reference.alias(), idx_token.alias(), compartment.alias()
+        naming = select(a.c.shard, a.c.rid).where(
+            a.c.rtype == relation.rtype,
+            a.c.param.in_(relation.actors),
+            or_(
+                *[
+                    and_(a.c.target_type == bindparam(f"t{n}"), a.c.target_id == bindparam(f"i{n}"))
+                    for n in range(actors)
+                ]
+            ),
+        )
+        active = select(s.c.shard, s.c.rid).where(
+            s.c.rtype == relation.rtype, s.c.param == "status", s.c.code.in_(relation.statuses)
+        )
+        parts.append(
+            select(literal(k).label("k"), c.c.patient_id).where(
+                own_rows(c, naming, dialect), own_rows(c, active, dialect)
+            )
+        )
+    return union_all(*parts)
+
+
+@dataclass(frozen=True)
 class Grant:
     """Records a consent in force opens: the patient's compartment, cut to its terms."""
 
@@ -78,11 +130,19 @@ class Visibility:
     public_types: frozenset[str] = frozenset()  # types every signed-in caller may read
     patients: frozenset[str] = frozenset()  # whole compartments (own, child, break-glass)
     holder: str | None = None  # "Organization/<id>" whose records are seen
-    actors: tuple[tuple[str, str], ...] = ()  # (type, id) naming the caller in relations
-    relations: tuple[Relation, ...] = ()
-    grants: tuple[Grant, ...] = ()
+    # Read only when a condition needs them (not for a record the caller's institution holds):
+    relations: Callable[[], list[Opened]] | None = None  # patients of active relations
+    consents: Callable[[], tuple[Grant, ...]] | None = None  # Consents in force
     deidentified: bool = False  # identifying elements are removed from what is returned
     emergency: frozenset[str] = field(default_factory=frozenset)  # break-glass patients
+
+    @functools.cached_property
+    def grants(self) -> tuple[Grant, ...]:
+        return self.consents() if self.consents is not None else ()
+
+    @functools.cached_property
+    def related(self) -> list[Opened]:
+        return self.relations() if self.relations is not None else []
 
     @property
     def unrestricted(self) -> bool:
@@ -111,8 +171,8 @@ class Visibility:
             options.append(self._in_compartments(r, sorted(self.patients)))
         if self.holder:
             options.append(_tagged(r, HOLDER, self.holder))
-        for relation in self.relations:
-            options.append(self._related(r, relation))
+        for opened in self.related:
+            options.append(self._opened(r, opened))
         for grant in self.grants:
             options.append(self._granted(r, grant))
         return and_(*limit, or_(*options)) if options else literal(False)
@@ -149,23 +209,11 @@ class Visibility:
             r, select(c.c.shard, c.c.rid).where(c.c.patient_id.in_(patients)), self.dialect
         )
 
-    def _related(self, r: FromClause, relation: Relation) -> ColumnElement[bool]:
-        a, s, c = idx_reference.alias(), idx_token.alias(), compartment.alias()
-        naming = select(a.c.shard, a.c.rid).where(
-            a.c.rtype == relation.rtype,
-            a.c.param.in_(relation.actors),
-            or_(*[and_(a.c.target_type == t, a.c.target_id == i) for t, i in self.actors]),
-        )
-        active = select(s.c.shard, s.c.rid).where(
-            s.c.rtype == relation.rtype, s.c.param == "status", s.c.code.in_(relation.statuses)
-        )
-        patients = select(c.c.patient_id).where(
-            own_rows(c, naming, self.dialect), own_rows(c, active, self.dialect)
-        )
-        opened = self._in_compartments(r, patients)
-        if relation.types is None:
-            return opened
-        return and_(r.c.type.in_(sorted(relation.types)), opened)
+    def _opened(self, r: FromClause, opened: Opened) -> ColumnElement[bool]:
+        records = self._in_compartments(r, sorted(opened.patients))
+        if opened.types is None:
+            return records
+        return and_(r.c.type.in_(sorted(opened.types)), records)
 
     def _granted(self, r: FromClause, grant: Grant) -> ColumnElement[bool]:
         """consent_shape.ConsentTerms.covers, as SQL over the row's index rows."""
