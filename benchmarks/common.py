@@ -1,5 +1,5 @@
 """What every benchmark needs: a description of the machine, a `cityhealth serve` on a fresh
-database, and the memory and CPU figures of processes, read from /proc.
+database, an access token for it, and the memory and CPU figures of processes, read from /proc.
 
 Server, database and load generator share one machine, so figures are only comparable when
 the benchmark also says how busy the machine was and who used the CPU.
@@ -7,9 +7,11 @@ the benchmark also says how busy the machine was and who used the CPU.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -28,8 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo
 
+import orjson
 import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +227,42 @@ class PostgresCpu:
         return ours + max(unseen, 0.0)
 
 
+class PostgresWaits:
+    """What the connections of one database wait for, sampled every `interval` seconds in a
+    background thread from pg_stat_activity: a queue on one lock shows here, while the CPU
+    shares only show idle time."""
+
+    def __init__(self, admin_url: str, database: str, interval: float = 0.05) -> None:
+        self.admin_url = admin_url
+        self.database = database
+        self.interval = interval
+        self.samples = 0
+        self.seen: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sql = (
+            "SELECT coalesce(wait_event_type || ':' || wait_event, 'running') "
+            "FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+            "AND backend_type = 'client backend'"
+        )
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            while not self._stop.wait(self.interval):
+                rows = conn.execute(sql, (self.database,)).fetchall()
+                self.samples += 1
+                self.seen.update(str(row[0]) for row in rows)
+
+    def stop(self) -> dict[str, float]:
+        """Active connections on average over the window, by what they waited for ("running":
+        no wait), most first."""
+        self._stop.set()
+        self._thread.join()
+        samples = max(self.samples, 1)
+        return {what: n / samples for what, n in self.seen.most_common()}
+
+
 class CpuWindow:
     """Who used the machine's CPU between its creation and `shares()`: each share is a fraction
     of the whole machine (all cores), so client + server + postgres + other + idle = 1."""
@@ -389,6 +430,67 @@ def profile_summary(files: list[Path], top: int = 25) -> str:
     return "\n".join(lines)
 
 
+# -- signing in --------------------------------------------------------------------------------
+#: Lifetime of the access tokens a bench server issues (CITYHEALTH_ACCESS_TOKEN_MINUTES): one
+#: token serves a whole benchmark, whose runs last up to an hour; the default 5 minutes would
+#: end in the middle of one.
+ACCESS_TOKEN_MINUTES = 240
+#: What a hospital information system is registered with: it acts on its own for every type.
+SYSTEM_SCOPE = "system/*.*"
+_SECRET = re.compile(r"^client_secret: (\S+)$", re.MULTILINE)
+
+
+def client_create_command(client_id: str, organization: str | None) -> list[str]:
+    """The CLI command registering a system client; with an organization, the hospital whose
+    records it holds and sees (a platform client without one sees everything)."""
+    command = [
+        sys.executable,
+        "-m",
+        "cityhealth",
+        "users",
+        "client-create",
+        client_id,
+        "--name",
+        f"Benchmark {client_id}",
+        "--role",
+        "system",
+        "--scope",
+        SYSTEM_SCOPE,
+    ]
+    if organization is not None:
+        command += ["--organization", organization]
+    return command
+
+
+def client_secret(cli_output: str) -> str:
+    """The secret `users client-create` prints once."""
+    found = _SECRET.search(cli_output)
+    if found is None:
+        raise RuntimeError(f"client-create printed no client_secret:\n{cli_output}")
+    return found.group(1)
+
+
+def token_request(client_id: str, secret: str) -> tuple[dict[str, str], bytes]:
+    """Headers and form body of a client-credentials request to /oauth/token, the client
+    authenticated with HTTP Basic (its id and secret form-encoded first, RFC 6749 §2.3.1)."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
+    headers = {
+        "Authorization": f"Basic {base64.b64encode(pair).decode('ascii')}",
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "application/json",
+    }
+    return headers, f"grant_type=client_credentials&scope={quote_plus(SYSTEM_SCOPE)}".encode()
+
+
+def read_token(body: bytes) -> str:
+    """The bearer access token of a token endpoint answer."""
+    answer = orjson.loads(body)
+    if answer.get("token_type", "").lower() != "bearer" or not answer.get("access_token"):
+        raise RuntimeError(f"the token endpoint answered no bearer token: {body[:300]!r}")
+    token: str = answer["access_token"]
+    return token
+
+
 # -- a server on a fresh database -------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
@@ -400,7 +502,8 @@ def free_port() -> int:
 @dataclass
 class Server:
     """`cityhealth serve` on a database made for it (PostgreSQL: created, then dropped;
-    SQLite: a file in a temporary directory), with its worker processes known."""
+    SQLite: a file in a temporary directory), with its worker processes known. `sign_in`
+    registers a system client and takes an access token for the requests of a benchmark."""
 
     backend: str  # "postgresql" or "sqlite"
     workers: int
@@ -412,6 +515,7 @@ class Server:
     url: str = ""
     process: subprocess.Popen[bytes] | None = None
     worker_pids: list[int] = field(default_factory=list)
+    token: str = ""
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _log: IO[bytes] | None = None
 
@@ -439,6 +543,36 @@ class Server:
             raise
         return self
 
+    @property
+    def authorization(self) -> str:
+        """The value of the Authorization header of every request (after `sign_in`)."""
+        if not self.token:
+            raise RuntimeError("sign in first: the FHIR API answers 401 without a token")
+        return f"Bearer {self.token}"
+
+    def sign_in(self, client_id: str, organization: str | None) -> str:
+        """Register a system client in the server's database with the CLI, as an operator
+        registers a hospital's system, and take an access token for it (client credentials);
+        the token is kept for `authorization` and returned."""
+        registered = subprocess.run(
+            client_create_command(client_id, organization),
+            cwd=REPO,
+            env={**os.environ, "CITYHEALTH_DATABASE_URL": self.url},
+            capture_output=True,
+            text=True,
+        )
+        if registered.returncode != 0:
+            raise RuntimeError(f"client-create failed: {registered.stderr or registered.stdout}")
+        headers, body = token_request(client_id, client_secret(registered.stdout))
+        asked = urllib.request.Request(f"{self.base}/oauth/token", body, headers, method="POST")
+        try:
+            with urllib.request.urlopen(asked, timeout=30) as answer:
+                self.token = read_token(answer.read())
+        except urllib.error.HTTPError as refused:
+            detail = refused.read()[:300]
+            raise RuntimeError(f"/oauth/token answered {refused.code}: {detail!r}") from None
+        return self.token
+
     def _start(self) -> None:
         assert self._tmp is not None
         env = {
@@ -447,6 +581,7 @@ class Server:
             "CITYHEALTH_WORKERS": str(self.workers),
             "CITYHEALTH_PORT": str(self.port),
             "CITYHEALTH_LOG_LEVEL": self.log_level,
+            "CITYHEALTH_ACCESS_TOKEN_MINUTES": str(ACCESS_TOKEN_MINUTES),
         }
         self._log = open(Path(self._tmp.name) / "server.log", "wb")  # noqa: SIM115
         # Run from the repository so that the compiled definitions cache under ./var is reused.
@@ -503,6 +638,12 @@ class Server:
         fields = _stat_fields(int(row[0]))
         assert fields is not None
         return PostgresCpu(int(fields[1]), self.database)
+
+    def postgres_waits(self) -> PostgresWaits | None:
+        """Start sampling what this server's database connections wait for."""
+        return (
+            PostgresWaits(self.admin_url, self.database) if self.backend == "postgresql" else None
+        )
 
     def sessions(self) -> int:
         """Connections ever opened to this database (0 on SQLite): a pool that keeps its

@@ -4,6 +4,8 @@
 -- thread walks one iteration step by step: create the nine resources, read them, update them,
 -- then delete them in reverse order (variant "delete") or search each by identifier ("search").
 -- Checks are lighter than the asyncio loader's: status codes, ETags and ids.
+-- Every request carries the Authorization header that TEMPLATES.lua holds (the access token
+-- crud_mix.py took for the run).
 -- done() prints "CRUDMIX ..." lines that crud_mix.py reads.
 -- A thread's figures reach done() as one string: wrk's thread:get() mishandles nested tables.
 
@@ -38,8 +40,7 @@ local steps = {}
 local step, iteration, key, ids
 local pending, started
 local answers = 0
-local headers_get = { ["Accept"] = "application/fhir+json" }
-local headers_body = { ["Accept"] = "application/fhir+json", ["Content-Type"] = "application/fhir+json" }
+local headers_get, headers_body
 local stats = {}
 local samples = {}
 
@@ -70,6 +71,12 @@ function init(args)
   templates = dofile(args[1])
   variant = args[2]
   run = args[3]
+  headers_get = { ["Accept"] = "application/fhir+json", ["Authorization"] = templates.authorization }
+  headers_body = {
+    ["Accept"] = "application/fhir+json",
+    ["Content-Type"] = "application/fhir+json",
+    ["Authorization"] = templates.authorization,
+  }
   for _, op in ipairs(OPS) do
     stats[op] = { n = 0, errors = 0, hist = {} }
   end

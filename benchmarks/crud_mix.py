@@ -15,6 +15,12 @@ checks, for when the Python client's own CPU holds the server back). With severa
 both spread their keep-alive connections evenly over them (reconnecting, or restarting wrk,
 until they are): the kernel alone often gives one worker most of them.
 
+Both send the access token of a system client that the script registers with the CLI and signs
+in with client credentials, as a hospital's system does: `--as hospital` (the default) is a
+client of one hospital (an organization), whose access rules filter every read and search to
+the records it holds or the patients it treats; `--as platform` is the platform's own client
+(no organization), which sees everything. Both leave the audit trail of every request.
+
     .venv/bin/python benchmarks/crud_mix.py            # the whole matrix, 7–9 minutes
     .venv/bin/python benchmarks/crud_mix.py --help
 """
@@ -42,7 +48,9 @@ from urllib.parse import quote
 
 import orjson
 from common import (
+    ACCESS_TOKEN_MINUTES,
     PG_ADMIN,
+    SYSTEM_SCOPE,
     CpuWindow,
     RssSampler,
     Server,
@@ -84,6 +92,11 @@ RUN_SYSTEM = "https://fhir.cityhealth.example/sid/benchmark-run"
 VARIANTS = {
     "delete": "create/read/update/delete 1:1:1:1 (HealthSamurai crud.js)",
     "search": "create/read/update/search-by-identifier 1:1:1:1 (the issue's mix)",
+}
+#: Who the load generators act as (`--as`): the organization of the system client, if any.
+CALLERS = {
+    "hospital": "Organization/bench-hospital",
+    "platform": None,
 }
 TARGET_RPS = 1100
 TARGET_P99_MS = 50.0
@@ -174,10 +187,15 @@ class Http(Protocol):
 
 class RawHttp:
     """HTTP/1.1 on one keep-alive connection: the least client CPU per request, so that the
-    load generator leaves the shared cores to the server."""
+    load generator leaves the shared cores to the server. Every request carries the
+    `authorization` header."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, authorization: str) -> None:
         self.host, self.port = host, port
+        self._common = (
+            f"HTTP/1.1\r\nHost: {host}\r\nAccept: application/fhir+json\r\n"
+            f"Authorization: {authorization}\r\n"
+        )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -195,7 +213,7 @@ class RawHttp:
         if self._writer is None:
             await self.connect()
         assert self._reader is not None and self._writer is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAccept: application/fhir+json\r\n"
+        head = f"{method} {path} {self._common}"
         if body:
             head += f"Content-Type: application/fhir+json\r\nContent-Length: {len(body)}\r\n"
         try:
@@ -223,11 +241,12 @@ class RawHttp:
 class HttpxHttp:
     """The same requests through httpx (one pooled client), to compare the clients' costs."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, authorization: str) -> None:
         self.client = client
+        self.authorization = authorization
 
     async def request(self, method: str, path: str, body: bytes = b"") -> Answer:
-        headers = {"Accept": "application/fhir+json"}
+        headers = {"Accept": "application/fhir+json", "Authorization": self.authorization}
         if body:
             headers["Content-Type"] = "application/fhir+json"
         answer = await self.client.request(method, path, content=body or None, headers=headers)
@@ -295,9 +314,11 @@ class Run:
     loader: str
     variant: str
     connections: int
+    caller: str = "hospital"  # CALLERS
     seconds: float = 0.0
     ops: dict[str, Figures] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    waits: dict[str, float] = field(default_factory=dict)  # PostgresWaits.stop()
     rss: tuple[int, int, int] = (0, 0, 0)
     supervisor_rss: int = 0
     data: dict[str, int] = field(default_factory=dict)
@@ -474,8 +495,15 @@ async def asyncio_load(
 
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         pool = httpx.AsyncClient(base_url=server.base, limits=limits, timeout=60)
-    raw = [RawHttp("127.0.0.1", server.port) for _ in range(connections)] if pool is None else []
-    users: list[Http] = [*raw] if raw else [HttpxHttp(pool) for _ in range(connections)]
+    authorization = server.authorization
+    raw = (
+        [RawHttp("127.0.0.1", server.port, authorization) for _ in range(connections)]
+        if pool is None
+        else []
+    )
+    users: list[Http] = (
+        [*raw] if raw else [HttpxHttp(pool, authorization) for _ in range(connections)]
+    )
     if raw and balance:
         await balance_connections(raw, server)
 
@@ -509,6 +537,7 @@ def run_asyncio(server: Server, templates: Templates, run: Run, args: argparse.N
     def window() -> Callable[[], None]:
         run.spread = connections_per_process(server.port, server.worker_pids)
         cpu = CpuWindow(server.worker_pids, server.postgres_cpu())
+        waits = server.postgres_waits()
         client0 = cpu_seconds([os.getpid()])[os.getpid()]
         if args.profile:
             profiles.extend(start_profiles(server.worker_pids, args.duration, profile_dir))
@@ -516,6 +545,8 @@ def run_asyncio(server: Server, templates: Templates, run: Run, args: argparse.N
         def finish() -> None:
             client = cpu_seconds([os.getpid()])[os.getpid()] - client0
             shares.update(cpu.shares(client))
+            if waits is not None:
+                run.waits = waits.stop()
 
         return finish
 
@@ -558,7 +589,10 @@ def _lua_string(text: str) -> str:
     return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
-def write_lua_templates(templates: Templates, path: Path) -> None:
+def write_lua_templates(templates: Templates, path: Path, authorization: str) -> None:
+    """The templates, the search prefix and the Authorization header, as a Lua table that
+    crud_mix.lua reads in init()."""
+
     def table(items: dict[str, str]) -> str:
         return "{\n" + "".join(f"  {k} = {_lua_string(v)},\n" for k, v in items.items()) + "}"
 
@@ -566,6 +600,7 @@ def write_lua_templates(templates: Templates, path: Path) -> None:
     prefix = quote(f"{RUN_SYSTEM}|", safe="")
     path.write_text(
         f'return {{\norder = {{{order}}},\nsearch_prefix = "identifier={prefix}",\n'
+        f"authorization = {_lua_string(authorization)},\n"
         f"create = {table(templates.create)},\nupdate = {table(templates.update)},\n}}\n"
     )
 
@@ -622,14 +657,17 @@ def _wrk(
 def run_wrk(server: Server, templates: Templates, run: Run, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="crud-mix-") as tmp:
         lua_templates = Path(tmp) / "templates.lua"
-        write_lua_templates(templates, lua_templates)
+        write_lua_templates(templates, lua_templates, server.authorization)
         if args.warmup:
             _wrk(server, run, args.warmup, lua_templates, balance=False)
         cpu = CpuWindow(server.worker_pids, server.postgres_cpu())
+        waits = server.postgres_waits()
         output, client_seconds, run.spread = _wrk(
             server, run, args.duration, lua_templates, args.balance
         )
         run.cpu = cpu.shares(client_seconds)
+        if waits is not None:
+            run.waits = waits.stop()
     for line in output.splitlines():
         match = _WRK_LINE.match(line)
         if match is None:
@@ -676,7 +714,8 @@ def _mib(n: int) -> str:
 def print_run(run: Run) -> None:
     print(
         f"## {run.database}, {run.workers} worker(s), {run.loader}, variant {run.variant} "
-        f"({VARIANTS[run.variant]}), {run.connections} connections, {run.seconds:.0f} s"
+        f"({VARIANTS[run.variant]}), {run.connections} connections, as {run.caller}, "
+        f"{run.seconds:.0f} s"
     )
     print(
         f"machine busy before the run: {run.busy_before:.0%}; load average "
@@ -700,6 +739,8 @@ def print_run(run: Run) -> None:
     )
     if run.database == "postgresql":
         print(f"PostgreSQL connections opened during the run (warm-up included): {run.sessions}")
+        waiting = ", ".join(f"{what} {n:.2f}" for what, n in list(run.waits.items())[:5])
+        print(f"active PostgreSQL connections on average, by wait: {waiting or 'none'}")
     print(f"client connections per worker: {', '.join(map(str, run.spread))}")
     supervisor = f" (+ supervisor {_mib(run.supervisor_rss)} MiB)" if run.supervisor_rss else ""
     print(
@@ -726,17 +767,18 @@ def _verdict(run: Run) -> str:
 def print_summary(runs: list[Run]) -> None:
     print("# Summary")
     print(
-        "| database | workers | loader | variant | conns | req/s | p50 ms | p95 ms | p99 ms "
+        "| database | workers | as | loader | variant | conns | req/s | p50 ms | p95 ms | p99 ms "
         "| errors | CPU % client/server/PG/other | CPU ms per request server/PG "
         "| RSS MiB start/peak/end | target |"
     )
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
     for r in runs:
         a = r.ops["all"]
         shares = "/".join(f"{r.cpu.get(k, 0) * 100:.0f}" for k in CPU_USERS)
         per_request = f"{r.cpu_ms('server'):.2f}/{r.cpu_ms('postgres'):.2f}"
         print(
-            f"| {r.database} | {r.workers} | {r.loader} | {r.variant} | {r.connections} "
+            f"| {r.database} | {r.workers} | {r.caller} | {r.loader} | {r.variant} "
+            f"| {r.connections} "
             f"| {r.rps:.0f} | {a.p50:.1f} | {a.p95:.1f} | {a.p99:.1f} | {a.errors} | {shares} "
             f"| {per_request} | {_mib(r.rss[0])}/{_mib(r.rss[1])}/{_mib(r.rss[2])} "
             f"| {_verdict(r)} |"
@@ -785,6 +827,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of each run")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
     parser.add_argument(
+        "--as",
+        dest="caller",
+        choices=tuple(CALLERS),
+        default="hospital",
+        help="hospital: a system client of one organization, whose access rules filter; "
+        "platform: the platform's client without organization, which sees everything",
+    )
+    parser.add_argument(
         "--no-balance",
         dest="balance",
         action="store_false",
@@ -813,17 +863,32 @@ def main() -> int:
     print(f"warm-up {args.warmup:.0f} s, timed {args.duration:.0f} s per run; client {args.client}")
     spread = "spread evenly over the workers" if args.balance else "as the kernel hands them out"
     print(f"client connections: {spread}")
-    print("server: cityhealth serve, CITYHEALTH_LOG_LEVEL=warning (no per-request log line)\n")
+    print(
+        "server: cityhealth serve, CITYHEALTH_LOG_LEVEL=warning (no per-request log line), "
+        f"CITYHEALTH_ACCESS_TOKEN_MINUTES={ACCESS_TOKEN_MINUTES} (one token for the whole run)"
+    )
+    organization = CALLERS[args.caller]
+    print(
+        f"requests as {args.caller}: a system client ({SYSTEM_SCOPE}) "
+        + (
+            f"of {organization}, signed in with client credentials; the access rules show it "
+            "what its organization holds and the patients it treats"
+            if organization
+            else "without organization, signed in with client credentials; it sees everything"
+        )
+        + "\n"
+    )
     templates = load_templates()
     configs = [("postgresql", w) for w in args.pg_workers if "postgresql" in args.databases]
     configs += [("sqlite", w) for w in args.sqlite_workers if "sqlite" in args.databases]
     runs = []
     for database, workers in configs:
         with Server(database, workers, args.pg_admin) as server:
+            server.sign_in(f"bench-{args.caller}-{uuid.uuid4().hex[:8]}", organization)
             for variant in args.variants:
                 for loader in loaders:
                     for connections in args.connections:
-                        run = Run(database, workers, loader, variant, connections)
+                        run = Run(database, workers, loader, variant, connections, args.caller)
                         runs.append(measure(server, templates, run, args))
     print_summary(runs)
     return 0

@@ -1,6 +1,7 @@
 """How the benchmarks sign in: a system client registered with the CLI gets an access token
 from /oauth/token with HTTP Basic client authentication, and the load generators send it on
-every request (the asyncio client, and wrk through crud_mix.lua)."""
+every request (the asyncio client, and wrk through crud_mix.lua). And what the CRUD mix reports
+of its database connections: what they wait for."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -220,3 +225,50 @@ def test_wrk_sends_the_token_on_every_request(tmp_path: Path) -> None:
     # Every create is answered 401, so each iteration starts over with a create.
     assert {h.split(" ", 2)[0] + " " + h.split(" ", 2)[1] for h in heads} == {"POST /fhir/Patient"}
     assert all(authorization_of(h) == ["Bearer tok.en-2"] for h in heads)
+
+
+PG_ADMIN = os.environ.get("CITYHEALTH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (required when CI=true)."""
+    name = f"cityhealth_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI and is not reachable: {error}")
+        pytest.skip(f"PostgreSQL not reachable: {error}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_waits_show_a_connection_queued_on_a_lock(pg_database: str) -> None:
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{pg_database}"
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(7220419)")
+
+        def wait_for_the_lock() -> None:
+            with psycopg.connect(url, autocommit=True) as waiter:
+                waiter.execute("SELECT pg_advisory_lock(7220419)")
+
+        queued = threading.Thread(target=wait_for_the_lock)
+        queued.start()
+        deadline = time.monotonic() + 10
+        sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        while holder.execute(sql).fetchone() != (1,) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waits = common.PostgresWaits(PG_ADMIN, pg_database, interval=0.01)
+        time.sleep(0.3)
+        seen = waits.stop()
+        holder.execute("SELECT pg_advisory_unlock(7220419)")
+        queued.join(10)
+    assert waits.samples >= 10
+    # One connection waited all along; the holder was idle, the sampler's own is elsewhere.
+    assert seen == {"Lock:advisory": 1.0}

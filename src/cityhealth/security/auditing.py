@@ -97,39 +97,40 @@ class _Read:
 
 class _GroupCommit:
     """Records of reads from many request threads, stored together: one transaction, one turn
-    of the chain's lock, one commit for every read that arrived in the meantime. The first
-    waiting thread writes; each thread returns once its own records are committed, so no answer
+    of the chain's lock, one commit for every read that arrived in the meantime. A waiting
+    thread whose records are not stored yet writes the next batch when no other is writing
+    (its own records and all that queued meanwhile), then answers its own request: each thread
+    writes at most one batch, and returns once its own records are committed, so no answer
     leaves without its record."""
 
     def __init__(self, write: Callable[[list[_Read]], None]) -> None:
         self._write = write
-        self._lock = threading.Lock()
+        self._turn = threading.Condition()
         self._queue: list[_Read] = []
         self._writing = False
 
     def submit(self, read: _Read) -> None:
-        with self._lock:
+        with self._turn:
             self._queue.append(read)
-            lead, self._writing = not self._writing, True
-        if lead:
-            self._drain()
+            while not read.done.done() and self._writing:
+                self._turn.wait()
+            if read.done.done():
+                read.done.result()  # raises if its batch failed
+                return
+            batch, self._queue, self._writing = self._queue, [], True
+        try:
+            self._write(batch)
+        except BaseException as error:  # each request of the batch fails with its record
+            for queued in batch:
+                queued.done.set_exception(error)
+        else:
+            for queued in batch:
+                queued.done.set_result(None)
+        finally:
+            with self._turn:
+                self._writing = False
+                self._turn.notify_all()
         read.done.result()
-
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._queue = self._queue, []
-                if not batch:
-                    self._writing = False
-                    return
-            try:
-                self._write(batch)
-            except BaseException as error:  # each waiting request fails with its record
-                for read in batch:
-                    read.done.set_exception(error)
-            else:
-                for read in batch:
-                    read.done.set_result(None)
 
 
 class Auditor:
