@@ -19,17 +19,19 @@ def reads(n: int) -> list[_Read]:
 
 def test_concurrent_reads_share_batches_and_each_waits_for_its_own() -> None:
     batches: list[list[str]] = []
-    writers: list[int] = []
+    writers: list[str] = []
 
     def write(batch: list[_Read]) -> None:
         time.sleep(0.01)
         batches.append([r.what for r in batch])
-        writers.append(threading.get_ident())
+        writers.append(threading.current_thread().name)  # unique, unlike thread idents
 
     group = _GroupCommit(write)
     done: dict[str, bool] = {}
+    together = threading.Barrier(24)
 
     def run(read: _Read) -> None:
+        together.wait()  # all submit at once, as busy request threads do
         group.submit(read)
         done[read.what] = any(read.what in b for b in batches)  # stored before returning
 

@@ -239,7 +239,6 @@ class Policy:
                 else None
             ),
             consents=(lambda: self.grants(actors, conn)) if rules.consents and actors else None,
-            emergency=emergency,
         )
 
     @staticmethod

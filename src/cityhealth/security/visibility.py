@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -134,7 +134,6 @@ class Visibility:
     relations: Callable[[], list[Opened]] | None = None  # patients of active relations
     consents: Callable[[], tuple[Grant, ...]] | None = None  # Consents in force
     deidentified: bool = False  # identifying elements are removed from what is returned
-    emergency: frozenset[str] = field(default_factory=frozenset)  # break-glass patients
 
     @functools.cached_property
     def grants(self) -> tuple[Grant, ...]:
