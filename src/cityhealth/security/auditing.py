@@ -63,7 +63,7 @@ class Seen:
 
 
 def audited(ctx: AccessContext) -> bool:
-    return ctx is not SYSTEM and ctx.who != SYSTEM.who
+    return ctx.who != SYSTEM.who
 
 
 def patients_by_row(
@@ -186,7 +186,7 @@ class Auditor:
                 refs = [what] if _named(what) else []
                 with self.repository.db.write() as tx:
                     event = self._event(
-                        tx, ctx, interaction, outcome, refs, set(), description, query
+                        ctx, interaction, outcome, refs, set(), False, description, query
                     )
                     self._store(tx, [event])
             raise
@@ -222,38 +222,41 @@ class Auditor:
         what: str = "",
     ) -> list[dict[str, Any]]:
         everyone = set().union(*by_row.values()) if by_row else set()
+        opened = self._in_emergency(ctx, conn, everyone)
         events = []
         for patient in sorted(everyone):
             refs = [ref for row, ref in seen.refs.items() if patient in by_row.get(row, ())]
+            emergency = patient in opened
             events.append(
-                self._event(conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], {patient})
+                self._event(ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], {patient}, emergency)
             )
         if query is not None or len(everyone) != 1:
             refs = [ref for ref in seen.refs.values() if not ref.startswith("Patient/")]
             if not refs and _named(what):
                 refs = [what]
             events.append(
-                self._event(
-                    conn, ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], set(), None, query
-                )
+                self._event(ctx, interaction, SUCCESS, refs[:MAX_ENTITIES], set(), query=query)
             )
         return events
 
+    def _in_emergency(self, ctx: AccessContext, conn: Connection, patients: set[str]) -> set[str]:
+        """Which of the patients the caller reached through a break-glass declaration (one
+        look for the whole action)."""
+        if not patients or not rules_for(ctx).break_glass:
+            return set()
+        return patients & self.repository.policy.emergency_patients(ctx, conn)
+
+    @staticmethod
     def _event(
-        self,
-        conn: Connection,
         ctx: AccessContext,
         interaction: str,
         outcome: str,
         refs: list[str],
         patients: set[str],
+        emergency: bool = False,
         description: str | None = None,
         query: str | None = None,
     ) -> dict[str, Any]:
-        emergency = bool(patients) and rules_for(ctx).break_glass
-        if emergency:
-            opened = self.repository.policy.emergency_patients(ctx, conn)
-            emergency = bool(patients & opened)
         return audit_event(
             ctx,
             interaction,

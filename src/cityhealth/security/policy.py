@@ -224,14 +224,11 @@ class Policy:
         patients = set()
         if rules.own_compartments:
             patients |= {p for p in (_id(ctx.who), _id(ctx.patient)) if p}
-        emergency = (
-            frozenset(self.emergency_patients(ctx, conn)) if rules.break_glass else frozenset()
-        )
         return Visibility(
             dialect,
             types=types,
             public_types=PUBLIC_TYPES if rules.public else frozenset(),
-            patients=frozenset(patients | emergency),
+            patients=frozenset(patients),
             holder=ctx.organization if rules.holder else None,
             relations=(
                 (lambda: related_patients(conn, rules.relations, actors))
@@ -239,6 +236,11 @@ class Policy:
                 else None
             ),
             consents=(lambda: self.grants(actors, conn)) if rules.consents and actors else None,
+            emergencies=(
+                (lambda: frozenset(self.emergency_patients(ctx, conn)))
+                if rules.break_glass
+                else None
+            ),
         )
 
     @staticmethod

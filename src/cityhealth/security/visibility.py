@@ -128,10 +128,11 @@ class Visibility:
     everything: bool = False
     types: frozenset[str] | None = None  # the only types seen at all (scopes, role); None: any
     public_types: frozenset[str] = frozenset()  # types every signed-in caller may read
-    patients: frozenset[str] = frozenset()  # whole compartments (own, child, break-glass)
+    patients: frozenset[str] = frozenset()  # whole compartments (own, child)
     holder: str | None = None  # "Organization/<id>" whose records are seen
     # Read only when a condition needs them (not for a record the caller's institution holds):
     relations: Callable[[], list[Opened]] | None = None  # patients of active relations
+    emergencies: Callable[[], frozenset[str]] | None = None  # break-glass declarations open
     consents: Callable[[], tuple[Grant, ...]] | None = None  # Consents in force
     deidentified: bool = False  # identifying elements are removed from what is returned
 
@@ -142,6 +143,11 @@ class Visibility:
     @functools.cached_property
     def related(self) -> list[Opened]:
         return self.relations() if self.relations is not None else []
+
+    @functools.cached_property
+    def in_emergency(self) -> frozenset[str]:
+        """The patients whose whole record a break-glass declaration opens to the caller."""
+        return self.emergencies() if self.emergencies is not None else frozenset()
 
     @property
     def unrestricted(self) -> bool:
@@ -166,8 +172,9 @@ class Visibility:
         options: list[ColumnElement[bool]] = []
         if self.public_types:
             options.append(r.c.type.in_(sorted(self.public_types)))
-        if self.patients:
-            options.append(self._in_compartments(r, sorted(self.patients)))
+        whole = self.patients | self.in_emergency
+        if whole:
+            options.append(self._in_compartments(r, sorted(whole)))
         if self.holder:
             options.append(_tagged(r, HOLDER, self.holder))
         for opened in self.related:
