@@ -33,6 +33,7 @@ from cityhealth.fhir.rest import build_router
 from cityhealth.jobs import JobRunner
 from cityhealth.portal import register_portal
 from cityhealth.request_log import RequestLog
+from cityhealth.security.audit import Settler
 from cityhealth.security.guard import BearerGuard
 from cityhealth.security.oauth_api import build_oauth_router
 from cityhealth.security.setup import Security
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     exports = BulkExport(engine, ExportSettings.from_settings(settings))
     runner = JobRunner.from_settings(db, [exports], settings)
     security = Security.build(settings, db)
+    settler = Settler(engine.repository)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -56,10 +58,12 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         await run_in_threadpool(security.rotate_keys)
         runner.start()
+        settler.start()
         try:
             yield
         finally:
             await run_in_threadpool(runner.stop)
+            await run_in_threadpool(settler.stop)
 
     app = FastAPI(
         lifespan=lifespan,

@@ -39,6 +39,10 @@ def chained(engine: FhirEngine) -> list[str]:
     for n in range(5):
         with engine.db.write() as conn:
             ids.append(audit.record(engine.repository, conn, _event(n)).id)
+    assert audit.queued(engine.db) == 5  # written, not yet chained: not "outside the trail"
+    assert audit.verify(engine.db) == []
+    assert engine.repository.settle_audit() == 5
+    assert audit.queued(engine.db) == 0
     return ids
 
 

@@ -25,6 +25,7 @@ def write_events(engine: FhirEngine, interactions: list[str]) -> list[str]:
         for interaction in interactions:
             event = audit_event(NURSE, interaction, (RESTFUL, interaction), patients=["p1"])
             ids.append(record(engine.repository, conn, event).id)
+    engine.repository.settle_audit()  # chained, as the server's settler does within a second
     return ids
 
 

@@ -202,6 +202,7 @@ class BulkExport:
         directory = self.directory_of(context.id)
         # A job left half-done by a dead process starts again from nothing.
         shutil.rmtree(directory, ignore_errors=True)
+        self.engine.repository.settle_audit()  # the audit trail is exported with its index
         output = self.write(ExportRequest.from_json(context.request), directory, context.progress)
         return output.to_json()
 

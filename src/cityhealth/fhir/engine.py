@@ -63,6 +63,12 @@ def _recorded(
             arguments = signature.bind(self, *args, **kwargs).arguments
             request = arguments.get("request")
             query = "?" + urlencode(request.canonical()) if request is not None else None
+            if (
+                not writes
+                and "conn" not in arguments
+                and _may_read_audit(interaction, arguments, query)
+            ):
+                self.repository.settle_audit()
             with self.auditor.action(
                 arguments["ctx"], interaction, what(arguments), arguments.get("conn"), query
             ) as seen:
@@ -76,6 +82,17 @@ def _recorded(
         return cast(F, run)
 
     return decorate
+
+
+def _may_read_audit(interaction: str, arguments: dict[str, Any], query: str | None) -> bool:
+    """Whether a read may reach AuditEvents, which must then be indexed (audit.settle)."""
+    request = arguments.get("request")
+    if interaction == "operation":  # $everything: only if _type names it
+        return "AuditEvent" in str(arguments.get("params"))
+    rtype = arguments.get("rtype") or (request.resource_type if request is not None else None)
+    if not rtype:  # across types
+        return request is None or not request.types or "AuditEvent" in request.types
+    return rtype == "AuditEvent" or "AuditEvent" in (query or "")
 
 
 def _touched(result: Any) -> list[Any]:
@@ -327,7 +344,9 @@ class FhirEngine:
             raise bad_request(f"Give the emergency's reason (at least {MIN_REASON} characters)")
         with self.repository.transaction() as tx:
             self.repository.read(SYSTEM, "Patient", patient_id, tx)  # 404 if there is none
-            return declare(self.repository, tx, ctx, patient_id, reason.strip())
+            declared = declare(self.repository, tx, ctx, patient_id, reason.strip())
+        self.repository.settle_audit()  # the access rules find the declaration from now on
+        return declared
 
     # -- $everything ------------------------------------------------------------------------
     @_recorded("operation", _instance)

@@ -34,7 +34,8 @@ from cityhealth.security.auditing import Auditor, audited, patients_by_row
 from cityhealth.security.policy import Policy
 from cityhealth.security.visibility import Visibility, held_by
 
-#: Records of access: added (and chained, cityhealth.security.audit), never changed or deleted.
+#: Records of access: added, never changed or deleted. Their history, index and chain rows are
+#: written by cityhealth.security.audit.settle, for many at a time, shortly after.
 APPEND_ONLY = frozenset({"AuditEvent"})
 
 
@@ -141,7 +142,11 @@ class Repository:
             if param in params and target_type == "Patient" and target_id
         }
 
-    def _index(self, resource: dict[str, Any], rtype: str, rid: str) -> Indexed:
+    def settle_audit(self) -> int:
+        """Index and chain the AuditEvents written so far (audit.settle)."""
+        return audit_chain.settle(self)
+
+    def index(self, resource: dict[str, Any], rtype: str, rid: str) -> Indexed:
         # The stamp added at write time (versionId, lastUpdated) is not indexed: this can run
         # before it, so that an update knows the shard it is about to lock.
         rows = self.indexer.index(resource)
@@ -186,7 +191,10 @@ class Repository:
                 ],
             )
         )
-        written, index = [], []
+        written: list[Stored] = []
+        kept: list[Stored] = []
+        records: list[Stored] = []
+        index: list[IndexEntry] = []
         for rtype, rid, shard, version, us, body, rows, patients, previous in prepared:
             row_id = next(new_rids) if previous is None else previous.rid
             stored = Stored(row_id, shard, rtype, rid, version, us, False, body, method)
@@ -197,10 +205,14 @@ class Repository:
                 else:  # its compartment patient changed: the rows go to the new one's shard
                     store.move(conn, previous, stored)
             written.append(stored)
-            index.append(IndexEntry(row_id, shard, rtype, rows, patients))
-        store.add_history(conn, written)
+            if rtype in APPEND_ONLY:  # history, index and chain come with audit.settle
+                records.append(stored)
+            else:
+                kept.append(stored)
+                index.append(IndexEntry(row_id, shard, rtype, rows, patients))
+        store.add_history(conn, kept)
         store.write_index(conn, index)
-        audit_chain.append(conn, [stored for stored in written if stored.type in APPEND_ONLY])
+        audit_chain.queue(conn, records)
         return written
 
     def create(
@@ -240,7 +252,7 @@ class Repository:
         for rtype, res, given in items:
             rid = given or str(uuid.uuid4())
             self.policy.stamp_holder(ctx, res, None)
-            prepared.append((res, rtype, rid, None, self._index(res, rtype, rid)))
+            prepared.append((res, rtype, rid, None, self.index(res, rtype, rid)))
         with self.transaction(conn) as tx:
             for position, (_res, rtype, _rid, _prev, indexed) in enumerate(prepared):
                 try:
@@ -277,7 +289,7 @@ class Repository:
                 f"The id in the body ({resource.get('id')}) differs from the URL ({rid})", "id"
             )
         self.policy.stamp_holder(ctx, resource, None)
-        indexed = self._index(resource, rtype, rid)
+        indexed = self.index(resource, rtype, rid)
         with self.transaction(conn) as tx:
             previous = self._lock(tx, rtype, rid, indexed.shard)
             if previous is not None and rtype in APPEND_ONLY:
@@ -288,7 +300,7 @@ class Repository:
                 holder = held_by(previous.body)
                 self.policy.stamp_holder(ctx, resource, previous)
                 if holder is not None and holder != ctx.organization:
-                    indexed = self._index(resource, rtype, rid)  # the record keeps its holder
+                    indexed = self.index(resource, rtype, rid)  # the record keeps its holder
             if if_match is not None and (previous is None or previous.version != if_match):
                 have = "none" if previous is None or previous.deleted else previous.version
                 raise precondition_failed(

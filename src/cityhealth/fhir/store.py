@@ -8,12 +8,14 @@ statement ever changes a row's `shard` (docs/scaling.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Table, insert, text
+from sqlalchemy import Connection, CursorResult, Float, Integer, Table, insert, text
 
+from cityhealth.fhir import jsonio
 from cityhealth.fhir.clock import instant
 from cityhealth.fhir.indexing import IndexRows
 from cityhealth.fhir.schema import (
@@ -73,7 +75,7 @@ _COLUMNS = "rid, shard, type, id, version, last_updated, deleted, body"
 _PG_TEXT: dict[str, str] = {}
 
 
-def _run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
+def run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
     """Execute a fixed statement written with `?` placeholders straight through the driver.
 
     The hot statements of every request skip SQLAlchemy's expression building and compiling,
@@ -83,7 +85,7 @@ def _run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
     return conn.exec_driver_sql(sql, params)
 
 
-def _stored(row: Any, method: str = "PUT") -> Stored:
+def stored_row(row: Any, method: str = "PUT") -> Stored:
     rid, shard, rtype, rid_id, version_id, updated, deleted, body = row[:8]
     return Stored(rid, shard, rtype, rid_id, version_id, updated, bool(deleted), body, method)
 
@@ -98,8 +100,8 @@ def current(
     if shard is not None:
         sql += " AND shard = ?"
         params += (shard,)
-    row = _run(conn, sql, params).first()
-    return None if row is None else _stored(row)
+    row = run(conn, sql, params).first()
+    return None if row is None else stored_row(row)
 
 
 def locked(conn: Connection, rtype: str, rid_id: str, shard: int) -> Stored | None:
@@ -108,8 +110,8 @@ def locked(conn: Connection, rtype: str, rid_id: str, shard: int) -> Stored | No
     sql = f"SELECT {_COLUMNS} FROM resource WHERE type = ? AND id = ? AND shard = ?"
     if conn.dialect.name == "postgresql":
         sql += " FOR UPDATE"
-    row = _run(conn, sql, (rtype, rid_id, shard)).first()
-    return None if row is None else _stored(row)
+    row = run(conn, sql, (rtype, rid_id, shard)).first()
+    return None if row is None else stored_row(row)
 
 
 def version(
@@ -120,8 +122,8 @@ def version(
     if shard is not None:
         sql += " AND shard = ?"
         params += (shard,)
-    row = _run(conn, sql + " AND version = ?", (*params, vid)).first()
-    return None if row is None else _stored(row, row.method)
+    row = run(conn, sql + " AND version = ?", (*params, vid)).first()
+    return None if row is None else stored_row(row, row.method)
 
 
 #: From this many rows on, PostgreSQL gets them through COPY rather than INSERT.
@@ -139,7 +141,7 @@ def _copy(
             copy.write_row(row)
 
 
-def _bulk(
+def bulk(
     conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
     if not rows:
@@ -147,11 +149,11 @@ def _bulk(
     insert = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
     marks = f"({', '.join('?' * len(columns))})"
     if conn.dialect.name != "postgresql":
-        _run(conn, insert + marks, rows)  # sqlite3's executemany loops in C
+        run(conn, insert + marks, rows)  # sqlite3's executemany loops in C
     elif len(rows) >= COPY_THRESHOLD:
         _copy(conn, table, columns, rows)
     else:  # one statement, not one per row as psycopg's executemany sends
-        _run(conn, insert + ", ".join([marks] * len(rows)), tuple(v for row in rows for v in row))
+        run(conn, insert + ", ".join([marks] * len(rows)), tuple(v for row in rows for v in row))
 
 
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
@@ -169,7 +171,7 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         )
         columns = ("rid", "deleted", *rows[0])
         values = [(rid, False, *row.values()) for rid, row in zip(rids, rows, strict=True)]
-        _bulk(conn, resource, columns, values)
+        bulk(conn, resource, columns, values)
         return [int(rid) for rid in rids]
     if len(rows) == 1:
         row = rows[0]
@@ -186,7 +188,7 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
             row["body"],
             False,
         )
-        return [int(_run(conn, sql, one).scalar_one())]
+        return [int(run(conn, sql, one).scalar_one())]
     result = conn.execute(
         insert(resource).returning(resource.c.rid, sort_by_parameter_order=True),
         [{**row, "deleted": False} for row in rows],
@@ -197,7 +199,7 @@ def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
 def replace_current(
     conn: Connection, rid: int, shard: int, version_id: int, last_updated: int, body: str | None
 ) -> None:
-    _run(
+    run(
         conn,
         "UPDATE resource SET version = ?, last_updated = ?, deleted = ?, body = ?"
         " WHERE shard = ? AND rid = ?",
@@ -223,7 +225,7 @@ def _history_row(v: Stored) -> tuple[Any, ...]:
 
 
 def add_history(conn: Connection, versions: list[Stored]) -> None:
-    _bulk(conn, resource_history, _HISTORY_COLUMNS, [_history_row(v) for v in versions])
+    bulk(conn, resource_history, _HISTORY_COLUMNS, [_history_row(v) for v in versions])
 
 
 def move(conn: Connection, previous: Stored, new: Stored) -> None:
@@ -234,17 +236,17 @@ def move(conn: Connection, previous: Stored, new: Stored) -> None:
     deleted and inserted again, under the same rid."""
     key = (previous.shard, previous.rid)
     earlier = [
-        replace(_stored(row, row.method), shard=new.shard)
-        for row in _run(
+        replace(stored_row(row, row.method), shard=new.shard)
+        for row in run(
             conn,
             f"SELECT {_COLUMNS}, method FROM resource_history WHERE shard = ? AND rid = ?",
             key,
         )
     ]
-    _run(conn, "DELETE FROM resource_history WHERE shard = ? AND rid = ?", key)
-    _run(conn, "DELETE FROM resource WHERE shard = ? AND rid = ?", key)
+    run(conn, "DELETE FROM resource_history WHERE shard = ? AND rid = ?", key)
+    run(conn, "DELETE FROM resource WHERE shard = ? AND rid = ?", key)
     row = (new.rid, new.shard, new.type, new.id, new.version, new.last_updated, new.deleted)
-    _run(
+    run(
         conn,
         f"INSERT INTO resource ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (*row, new.body),
@@ -270,7 +272,7 @@ def clear_index(conn: Connection, shard: int, rid: int) -> None:
         conn.exec_driver_sql(_CLEAR_ALL, {"shard": shard, "rid": rid})
     else:  # SQLite has no data-modifying WITH; its statements cost no round trip
         for name in _CLEARED:
-            _run(conn, f"DELETE FROM {name} WHERE shard = ? AND rid = ?", (shard, rid))
+            run(conn, f"DELETE FROM {name} WHERE shard = ? AND rid = ?", (shard, rid))
 
 
 @dataclass(frozen=True)
@@ -284,9 +286,56 @@ class IndexEntry:
     patients: set[str]  # the Patient compartments it belongs to
 
 
+def _sql_type(column: Any) -> str:
+    if isinstance(column.type, Float):
+        return "float8"
+    return "bigint" if isinstance(column.type, Integer) else "text"
+
+
+def _json_insert(table: Table, columns: tuple[str, ...]) -> str:
+    """INSERT of the rows given as one JSON array of arrays (one parameter, however many)."""
+    values = ", ".join(f"(r->>{n})::{_sql_type(table.c[name])}" for n, name in enumerate(columns))
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"SELECT {values} FROM json_array_elements(%s::json) AS r"
+    )
+
+
+_INDEX_TARGETS: list[tuple[Table, tuple[str, ...]]] = [
+    (table, ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]))
+    for kind, table in INDEX_TABLES.items()
+] + [(compartment, ("rid", "shard", "patient_id"))]
+# PostgreSQL: every index table in one fixed statement, a table's rows in one JSON parameter:
+# the driver neither parses the text again nor sends it again (prepared), whatever the rows.
+_WRITE_INDEX = (
+    "WITH "
+    + ", ".join(
+        f"w{n} AS ({_json_insert(table, columns)})"
+        for n, (table, columns) in enumerate(_INDEX_TARGETS[:-1])
+    )
+    + " "
+    + _json_insert(*_INDEX_TARGETS[-1])
+)
+
+
+_FLOATS = {
+    table
+    for table, columns in _INDEX_TARGETS
+    if any(_sql_type(table.c[c]) == "float8" for c in columns)
+}
+
+
+def _spelled(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """JSON has no infinity (an open range's bound): PostgreSQL reads these spellings as it."""
+    return tuple(
+        ("Infinity" if v > 0 else "-Infinity") if isinstance(v, float) and math.isinf(v) else v
+        for v in row
+    )
+
+
 def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
-    """Index rows and compartment membership of the entries: on PostgreSQL one statement for a
-    few resources (an INSERT per table in one WITH), else one per table for the whole batch."""
+    """Index rows and compartment membership of the entries: on PostgreSQL one fixed
+    statement unless some table gets a bulk load's share (COPY), else one per table."""
     batches: list[tuple[Table, tuple[str, ...], list[tuple[Any, ...]]]] = []
     for kind, table in INDEX_TABLES.items():
         rows = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
@@ -294,19 +343,12 @@ def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
         batches.append((table, columns, rows))
     members = [(e.rid, e.shard, p) for e in entries for p in e.patients]
     batches.append((compartment, ("rid", "shard", "patient_id"), members))
-    batches = [batch for batch in batches if batch[2]]
-    small = all(len(rows) < COPY_THRESHOLD for _, _, rows in batches)
-    if conn.dialect.name == "postgresql" and small and len(batches) > 1:
-        inserts: list[str] = []
-        params: list[Any] = []
-        for table, columns, rows in batches:
-            marks = f"({', '.join(['%s'] * len(columns))})"
-            values = ", ".join([marks] * len(rows))
-            inserts.append(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {values}")
-            params.extend(v for row in rows for v in row)
-        *first, last = inserts
-        ctes = ", ".join(f"w{n} AS ({sql})" for n, sql in enumerate(first))
-        conn.exec_driver_sql(f"WITH {ctes} {last}", tuple(params))
+    if conn.dialect.name == "postgresql" and all(len(b[2]) < COPY_THRESHOLD for b in batches):
+        params = tuple(
+            jsonio.dumps([_spelled(row) for row in rows] if table in _FLOATS else rows).decode()
+            for table, _, rows in batches
+        )
+        conn.exec_driver_sql(_WRITE_INDEX, params)
         return
     for table, columns, rows in batches:
-        _bulk(conn, table, columns, rows)
+        bulk(conn, table, columns, rows)

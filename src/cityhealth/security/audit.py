@@ -1,10 +1,15 @@
 """The audit trail: AuditEvent resources, chained by hashes so that no change goes unnoticed.
 
-Each AuditEvent is stored through the repository (residents and auditors search it like any
-resource) and, in the same transaction, gets the next row of `audit_chain`: its sequence number,
-the SHA-256 of its exact stored text, the previous row's hash and its own hash over all of
-these. `verify` walks the chain and names every place where an event was altered, removed,
-reordered or slipped in beside the chain.
+Each AuditEvent is stored through the repository, in the transaction of the action it records,
+with a row in `audit_pending`. `settle` then takes the queued events in order, many at a time
+(a background `Settler` every half second, and any reader of the trail first): it writes their
+history and index rows (residents and auditors search them like any resource) and gives each
+the next row of `audit_chain`: its sequence number, the SHA-256 of its exact stored text, the
+previous row's hash and its own hash over all of these. An action so pays for one small row
+of its record, not for a dozen index rows and a turn of the chain's lock — the lock would
+make every write of the city wait in one queue. `verify` walks the chain and names every
+place where an event was altered, removed, reordered or slipped in beside the chain; events
+still queued (for well under a second) are checked from the next pass on.
 
 A chain alone cannot show that its newest rows were cut off; the head's hash is logged at
 every append so that an outside copy of the log anchors it.
@@ -19,18 +24,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, insert, select, text
+from sqlalchemy import Connection, delete, func, insert, select
 
 from cityhealth.db import Database
 from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.schema import resource, resource_history
-from cityhealth.fhir.store import Stored
-from cityhealth.security.schema import audit_anchor, audit_chain
+from cityhealth.fhir.store import IndexEntry, Stored
+from cityhealth.security.schema import audit_anchor, audit_chain, audit_pending
 
 if TYPE_CHECKING:
     from cityhealth.fhir.repository import Repository
@@ -41,6 +47,7 @@ GENESIS = "0" * 64
 _LOCK = 7_220_419  # PostgreSQL advisory lock key: one appender at a time
 _BATCH = 1000
 _US_PER_DAY = 86_400_000_000
+_CHAIN_COLUMNS = ("seq", "event_id", "recorded_at", "body_digest", "prev_hash", "hash")
 
 
 @dataclass(frozen=True)
@@ -62,20 +69,102 @@ def link(prev_hash: str, seq: int, event: str, recorded_at: int, body_digest: st
 
 def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> Stored:
     """Store an AuditEvent inside the caller's transaction: the action and its record commit or
-    fail together (the repository chains every AuditEvent it writes)."""
+    fail together (the repository queues every AuditEvent it writes for `settle`)."""
     return repository.create(SYSTEM, event, "AuditEvent", conn=conn, validate=False).stored
 
 
+def queue(conn: Connection, events: list[Stored]) -> None:
+    """Queue newly written AuditEvents for `settle`, in the transaction that writes them."""
+    store.bulk(conn, audit_pending, ("shard", "rid"), [(e.shard, e.rid) for e in events])
+
+
+def settle(repository: Repository, wait: bool = True) -> int:
+    """Index, keep in history and chain the AuditEvents queued since the last pass, in the
+    order they were queued; how many. One pass at a time: with `wait` False, none if another
+    is at work."""
+    settled = 0
+    while True:
+        with repository.db.write() as conn:
+            if not _lock(conn, wait):
+                return settled
+            rows = store.run(conn, _QUEUED, (_BATCH,)).all()
+            if not rows:
+                return settled
+            events = [store.stored_row(row[1:], "POST") for row in rows if row.rid is not None]
+            entries = []
+            for event in events:
+                indexed = repository.index(jsonio.loads(event.body or "{}"), event.type, event.id)
+                entries.append(
+                    IndexEntry(event.rid, event.shard, event.type, indexed.rows, indexed.patients)
+                )
+            store.add_history(conn, events)
+            store.write_index(conn, entries)
+            append(conn, events)
+            done = audit_pending.c.seq.in_([row.seq for row in rows])
+            conn.execute(delete(audit_pending).where(done))
+        settled += len(events)
+        if len(rows) < _BATCH:
+            return settled
+
+
+class Settler:
+    """Settles the queued AuditEvents in the background, every `seconds`: a reader of the trail
+    finds it settled (or settles the rest first), and a change to a record not yet chained can
+    go unnoticed only that long."""
+
+    def __init__(self, repository: Repository, seconds: float = 0.5) -> None:
+        self.repository = repository
+        self.seconds = seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="audit-settle", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after a last pass (what is left waits for the next start)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join(30)
+            self._settle(wait=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.seconds):
+            self._settle(wait=False)
+
+    def _settle(self, wait: bool) -> None:
+        try:
+            settle(self.repository, wait)
+        except Exception:  # the queue is kept: the next pass, or a reader, settles it
+            log.exception("settling the audit trail failed")
+
+
+_QUEUED = (
+    "SELECT q.seq, r.rid, r.shard, r.type, r.id, r.version, r.last_updated, r.deleted, r.body"
+    " FROM audit_pending q LEFT JOIN resource r ON r.shard = q.shard AND r.rid = q.rid"
+    " ORDER BY q.seq LIMIT ?"
+)
+
+
+def _lock(conn: Connection, wait: bool) -> bool:
+    """Take the chain's turn for this transaction (SQLite's write lock already serializes)."""
+    if conn.dialect.name != "postgresql":
+        return True
+    if wait:
+        store.run(conn, "SELECT pg_advisory_xact_lock(?)", (_LOCK,))
+        return True
+    return bool(store.run(conn, "SELECT pg_try_advisory_xact_lock(?)", (_LOCK,)).scalar())
+
+
 def append(conn: Connection, events: list[Stored]) -> None:
-    """Chain newly written AuditEvents, in the transaction that writes them."""
+    """Chain stored AuditEvents (the caller holds the chain's turn)."""
     if not events:
         return
-    if conn.dialect.name == "postgresql":
-        # SQLite's write lock already serializes; PostgreSQL writers take turns here.
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
-    head = conn.execute(
-        select(audit_chain.c.seq, audit_chain.c.hash).order_by(audit_chain.c.seq.desc()).limit(1)
-    ).first()
+    head = store.run(conn, "SELECT seq, hash FROM audit_chain ORDER BY seq DESC LIMIT 1").first()
     seq, prev_hash = (head.seq, head.hash) if head else (0, GENESIS)
     rows = []
     for stored in events:
@@ -83,18 +172,9 @@ def append(conn: Connection, events: list[Stored]) -> None:
         event_ref = f"AuditEvent/{stored.id}"
         body_digest = digest(stored.body or "")
         row_hash = link(prev_hash, seq, event_ref, stored.last_updated, body_digest)
-        rows.append(
-            {
-                "seq": seq,
-                "event_id": event_ref,
-                "recorded_at": stored.last_updated,
-                "body_digest": body_digest,
-                "prev_hash": prev_hash,
-                "hash": row_hash,
-            }
-        )
+        rows.append((seq, event_ref, stored.last_updated, body_digest, prev_hash, row_hash))
         prev_hash = row_hash
-    conn.execute(audit_chain.insert(), rows)
+    store.bulk(conn, audit_chain, _CHAIN_COLUMNS, rows)
     log.info("audit chain head %s %s", seq, prev_hash)
 
 
@@ -144,8 +224,7 @@ def prune(db: Database, now_us: int, access_days: int, processing_days: int) -> 
     """Remove the events at the start of the chain whose retention has ended; how many."""
     removed = 0
     with db.write() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+        _lock(conn, wait=True)
         last = None
         for row in _chain_rows(conn):
             found = store.current(conn, "AuditEvent", row.event_id.removeprefix("AuditEvent/"))
@@ -203,7 +282,16 @@ def _check_event(conn: Connection, row: Any) -> list[Problem]:
     return []
 
 
+def queued(db: Database) -> int:
+    """How many AuditEvents wait for `settle`: stored, to be chained within a second or so."""
+    with db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(audit_pending)).scalar_one())
+
+
 def _stored_events(conn: Connection) -> Iterator[str]:
-    query = select(resource.c.id).where(resource.c.type == "AuditEvent")
+    """Every stored AuditEvent but those queued for `settle`."""
+    q = audit_pending
+    waiting = select(q.c.seq).where(q.c.shard == resource.c.shard, q.c.rid == resource.c.rid)
+    query = select(resource.c.id).where(resource.c.type == "AuditEvent", ~waiting.exists())
     for (rid_id,) in conn.execute(query):
         yield f"AuditEvent/{rid_id}"

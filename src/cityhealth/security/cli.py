@@ -198,13 +198,16 @@ def audit_commands() -> None:
 def audit_verify() -> None:
     """Check the audit trail's hash chain; name every altered, removed, reordered or
     slipped-in event and exit 1 if there is any."""
-    from cityhealth.security.audit import verify
+    from cityhealth.security.audit import queued, verify
 
     with _accounts() as accounts:
         problems = verify(accounts.db)
+        waiting = queued(accounts.db)
     for problem in problems:
         where = f"seq {problem.seq}" if problem.seq is not None else "outside the chain"
         typer.echo(f"{where}: {problem.event}: {problem.what}")
+    if waiting:
+        typer.echo(f"{waiting} events just written wait to be chained (checked once chained)")
     if problems:
         raise typer.Exit(1)
     typer.echo("audit trail intact")

@@ -165,6 +165,17 @@ audit_chain = Table(
     Index("ix_audit_chain_recorded", "recorded_at"),
 )
 
+#: AuditEvents stored but not yet indexed nor chained, in the order they were written: each
+#: action writes its records' rows and a row here; audit.settle does the rest (index rows,
+#: history row, chain row) for many at a time and removes them from here.
+audit_pending = Table(
+    "audit_pending",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("shard", BigInteger, nullable=False),
+    Column("rid", BigInteger, nullable=False),
+)
+
 #: The last chain row removed at the end of its retention: the chain continues from its hash.
 audit_anchor = Table(
     "audit_anchor",
@@ -185,6 +196,7 @@ TABLES = (
     refresh_token,
     revoked_token,
     audit_chain,
+    audit_pending,
     audit_anchor,
 )
 

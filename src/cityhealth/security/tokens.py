@@ -28,6 +28,9 @@ TOKEN_TYPE = "at+jwt"  # RFC 9068: keeps an ID token signed by the same key from
 _REQUIRED = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "role", "client_id")
 _OPTIONAL = ("org", "fhirUser", "patient")
 _RESERVED = frozenset((*_REQUIRED, *_OPTIONAL))
+#: Verified tokens whose claims are kept (each is a few hundred bytes); all are dropped when
+#: there are more, and verified again at their next use.
+_VERIFIED_MAX = 10_000
 _PKCE_VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")  # RFC 7636 §4.1
 
 
@@ -70,6 +73,7 @@ class TokenService:
         self.access_lifetime = timedelta(minutes=access_minutes)
         self.clock = clock
         self.leeway = leeway
+        self._verified: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def issue_access_token(
         self,
@@ -112,7 +116,24 @@ class TokenService:
     def verify_access_token(
         self, token: str, *, is_revoked: Callable[[str], bool] | None = None
     ) -> AccessClaims:
-        """The claims of a valid token; `InvalidToken` for anything else."""
+        """The claims of a valid token; `InvalidToken` for anything else. A token's signature
+        is checked once: its claims are kept (`_verified`) while its key is published, and its
+        times and revocation are checked at every use."""
+        known = self._verified.get(token)
+        if known is not None and self.keyring.public_key(known[0]) is not None:
+            claims = known[1]
+        else:
+            kid, claims = self._decode(token)
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[token] = (kid, claims)
+        result = self._claims(claims)
+        if is_revoked is not None and is_revoked(result.jti):
+            raise InvalidToken("revoked")
+        return result
+
+    def _decode(self, token: str) -> tuple[str, dict[str, Any]]:
+        """The key id and claims of a token whose header and signature are valid."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -123,7 +144,7 @@ class TokenService:
             raise InvalidToken(f"not an access token: typ {header.get('typ')!r}")
         kid = header.get("kid")
         key = self.keyring.public_key(kid) if isinstance(kid, str) else None
-        if key is None:
+        if key is None or not isinstance(kid, str):
             raise InvalidToken(f"unknown key: {kid!r}")
         try:
             claims = jwt.decode(
@@ -150,10 +171,7 @@ class TokenService:
             raise InvalidToken(f"missing claim: {error.claim}") from None
         except jwt.PyJWTError as error:
             raise InvalidToken(f"invalid token: {error}") from None
-        result = self._claims(claims)
-        if is_revoked is not None and is_revoked(result.jti):
-            raise InvalidToken("revoked")
-        return result
+        return kid, claims
 
     def _claims(self, claims: dict[str, Any]) -> AccessClaims:
         now = self.clock()
