@@ -15,7 +15,7 @@ from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.schema import idx_reference, resource_history
 from cityhealth.security import audit
 from cityhealth.security.audit import Settler, queued, record, verify
-from cityhealth.security.audit_events import RESTFUL, audit_event
+from cityhealth.security.audit_events import RESTFUL, audit_event, record_patients
 from cityhealth.security.schema import audit_chain
 
 NURSE = AccessContext("Practitioner/nurse-9", "nurse", "Organization/h-9")
@@ -134,3 +134,18 @@ def test_the_settler_chains_in_the_background(engine: FhirEngine) -> None:
     finally:
         settler.stop()
     settler.stop()  # stopping twice is harmless
+
+
+def test_the_patients_of_a_record_are_its_patient_agents_and_entities() -> None:
+    event = {
+        "agent": [{"who": {"reference": "Patient/self"}}, {"who": {"reference": "Device/d"}}],
+        "entity": [
+            {"what": {"reference": "Patient/p1"}},
+            {"what": {"reference": "Observation/o1"}},
+            {"what": {"reference": "Patient/a/b"}},
+            {"what": "not a reference"},
+            {"query": "cXVlcnk="},
+        ],
+    }
+    assert record_patients(event) == {"self", "p1"}
+    assert record_patients({"agent": None, "entity": [None, 3]}) == set()

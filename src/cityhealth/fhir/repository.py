@@ -30,6 +30,7 @@ from cityhealth.fhir.sharding import shard_key
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 from cityhealth.security import audit as audit_chain
+from cityhealth.security.audit_events import record_patients
 from cityhealth.security.auditing import Auditor, audited, patients_by_row
 from cityhealth.security.policy import Policy
 from cityhealth.security.visibility import Visibility, held_by
@@ -146,6 +147,14 @@ class Repository:
         """Index and chain the AuditEvents written so far (audit.settle)."""
         return audit_chain.settle(self)
 
+    def _indexed(self, resource: dict[str, Any], rtype: str, rid: str) -> Indexed:
+        """`index`, but a record of access is indexed when settled (audit.settle): it needs
+        only its patients now, for its shard."""
+        if rtype not in APPEND_ONLY:
+            return self.index(resource, rtype, rid)
+        patients = record_patients(resource)
+        return Indexed(IndexRows(), patients, shard_key(rtype, rid, patients))
+
     def index(self, resource: dict[str, Any], rtype: str, rid: str) -> Indexed:
         # The stamp added at write time (versionId, lastUpdated) is not indexed: this can run
         # before it, so that an update knows the shard it is about to lock.
@@ -181,22 +190,26 @@ class Repository:
             body = self._stamp(resource, rid, version, us)
             rows, patients, shard = indexed.rows, indexed.patients, indexed.shard
             prepared.append((rtype, rid, shard, version, us, body, rows, patients, previous))
-        new_rids = iter(
-            store.insert_new(
-                conn,
-                [
-                    {"shard": s, "type": t, "id": i, "version": v, "last_updated": us, "body": b}
-                    for t, i, s, v, us, b, _, _, previous in prepared
-                    if previous is None
-                ],
+        new = [
+            {"shard": s, "type": t, "id": i, "version": v, "last_updated": us, "body": b}
+            for t, i, s, v, us, b, _, _, previous in prepared
+            if previous is None
+        ]
+        resources = [row for row in new if row["type"] not in APPEND_ONLY]
+        records = [row for row in new if row["type"] in APPEND_ONLY]
+        new_rids = {
+            (row["type"], row["id"]): rid
+            for rows, insert in (
+                (resources, store.insert_new),
+                (records, audit_chain.insert_queued),  # queued for audit.settle
             )
-        )
+            for row, rid in zip(rows, insert(conn, rows), strict=True)
+        }
         written: list[Stored] = []
         kept: list[Stored] = []
-        records: list[Stored] = []
         index: list[IndexEntry] = []
         for rtype, rid, shard, version, us, body, rows, patients, previous in prepared:
-            row_id = next(new_rids) if previous is None else previous.rid
+            row_id = new_rids[(rtype, rid)] if previous is None else previous.rid
             stored = Stored(row_id, shard, rtype, rid, version, us, False, body, method)
             if previous is not None:
                 store.clear_index(conn, previous.shard, row_id)
@@ -205,14 +218,11 @@ class Repository:
                 else:  # its compartment patient changed: the rows go to the new one's shard
                     store.move(conn, previous, stored)
             written.append(stored)
-            if rtype in APPEND_ONLY:  # history, index and chain come with audit.settle
-                records.append(stored)
-            else:
+            if rtype not in APPEND_ONLY:  # their history and index come with audit.settle
                 kept.append(stored)
                 index.append(IndexEntry(row_id, shard, rtype, rows, patients))
         store.add_history(conn, kept)
         store.write_index(conn, index)
-        audit_chain.queue(conn, records)
         return written
 
     def create(
@@ -252,7 +262,7 @@ class Repository:
         for rtype, res, given in items:
             rid = given or str(uuid.uuid4())
             self.policy.stamp_holder(ctx, res, None)
-            prepared.append((res, rtype, rid, None, self.index(res, rtype, rid)))
+            prepared.append((res, rtype, rid, None, self._indexed(res, rtype, rid)))
         with self.transaction(conn) as tx:
             for position, (_res, rtype, _rid, _prev, indexed) in enumerate(prepared):
                 try:

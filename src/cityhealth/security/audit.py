@@ -73,9 +73,37 @@ def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> S
     return repository.create(SYSTEM, event, "AuditEvent", conn=conn, validate=False).stored
 
 
-def queue(conn: Connection, events: list[Stored]) -> None:
-    """Queue newly written AuditEvents for `settle`, in the transaction that writes them."""
-    store.bulk(conn, audit_pending, ("shard", "rid"), [(e.shard, e.rid) for e in events])
+def insert_queued(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert the current rows of new AuditEvents (as store.insert_new) and queue them for
+    `settle`, in the transaction of the action they record; their rids, in order. On
+    PostgreSQL one statement for all."""
+    if not rows:
+        return []
+    if conn.dialect.name != "postgresql":
+        rids = store.insert_new(conn, rows)
+        store.bulk(
+            conn,
+            audit_pending,
+            ("shard", "rid"),
+            [(r["shard"], rid) for r, rid in zip(rows, rids, strict=True)],
+        )
+        return rids
+    values = [
+        (r["shard"], r["type"], r["id"], r["version"], r["last_updated"], r["body"]) for r in rows
+    ]
+    params = (jsonio.dumps(values).decode(),)
+    found = {row.id: int(row.rid) for row in store.run(conn, _INSERT_QUEUED, params)}
+    return [found[r["id"]] for r in rows]
+
+
+_INSERT_QUEUED = (
+    "WITH r AS (INSERT INTO resource (shard, type, id, version, last_updated, body, deleted)"
+    " SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::int, (e->>4)::bigint, e->>5, false"
+    " FROM json_array_elements(?::json) WITH ORDINALITY AS x(e, n) ORDER BY n"
+    " RETURNING rid, shard, id),"
+    " q AS (INSERT INTO audit_pending (shard, rid) SELECT shard, rid FROM r ORDER BY rid)"
+    " SELECT id, rid FROM r"
+)
 
 
 def settle(repository: Repository, wait: bool = True) -> int:

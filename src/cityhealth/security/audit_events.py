@@ -175,3 +175,16 @@ def audit_event(
     if tags:
         event["meta"] = {"tag": tags}
     return event
+
+
+def record_patients(event: dict[str, Any]) -> set[str]:
+    """The patients an AuditEvent is about: R4's `patient` search parameter (the agents and
+    entities that are Patients)."""
+    agents = [agent.get("who") for agent in event.get("agent") or () if isinstance(agent, dict)]
+    found = [entity.get("what") for entity in event.get("entity") or () if isinstance(entity, dict)]
+    refs = [ref.get("reference") for ref in agents + found if isinstance(ref, dict)]
+    return {
+        ref.removeprefix("Patient/")
+        for ref in refs
+        if isinstance(ref, str) and ref.startswith("Patient/") and "/" not in ref[8:]
+    }

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select, tuple_
 
+from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.errors import FhirError
 from cityhealth.fhir.schema import compartment
@@ -72,15 +73,28 @@ def patients_by_row(
     """The patients whose compartments each row (shard, rid) is in."""
     rows = list(rows)
     found: dict[tuple[int, int], set[str]] = {}
+    for row in _compartment_rows(conn, rows):
+        found.setdefault((row.shard, row.rid), set()).add(row.patient_id)
+    return found
+
+
+def _compartment_rows(conn: Connection, rows: list[tuple[int, int]]) -> Iterator[Any]:
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":  # one fixed statement, however many rows
+        yield from store.run(conn, _PATIENTS, (jsonio.dumps(rows).decode(),))
+        return
     c = compartment
     for start in range(0, len(rows), 500):
         part = rows[start : start + 500]
-        query = select(c.c.shard, c.c.rid, c.c.patient_id).where(
-            tuple_(c.c.shard, c.c.rid).in_(part)
-        )
-        for row in conn.execute(query):
-            found.setdefault((row.shard, row.rid), set()).add(row.patient_id)
-    return found
+        where = tuple_(c.c.shard, c.c.rid).in_(part)
+        yield from conn.execute(select(c.c.shard, c.c.rid, c.c.patient_id).where(where))
+
+
+_PATIENTS = (
+    "SELECT c.shard, c.rid, c.patient_id FROM json_array_elements(?::json) AS e"
+    " JOIN compartment c ON c.shard = (e->>0)::bigint AND c.rid = (e->>1)::bigint"
+)
 
 
 @dataclass
@@ -93,31 +107,36 @@ class _Read:
     query: str | None
     what: str
     done: Future[None] = field(default_factory=Future)
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or its turn to write
 
 
 class _GroupCommit:
-    """Records of reads from many request threads, stored together: one transaction, one turn
-    of the chain's lock, one commit for every read that arrived in the meantime. A waiting
-    thread whose records are not stored yet writes the next batch when no other is writing
-    (its own records and all that queued meanwhile), then answers its own request: each thread
-    writes at most one batch, and returns once its own records are committed, so no answer
-    leaves without its record."""
+    """Records of reads from many request threads, stored together: one transaction and one
+    commit for every read that arrived in the meantime. A thread that finds no batch being
+    written writes the queue (its own records and all queued meanwhile); the others wait for
+    their own record, and when a batch is done, the oldest read still queued is woken to write
+    the next. Each thread writes at most one batch, and returns once its own records are
+    committed, so no answer leaves without its record; only the threads that are done, or whose
+    turn it is, are woken."""
 
     def __init__(self, write: Callable[[list[_Read]], None]) -> None:
         self._write = write
-        self._turn = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Read] = []
         self._writing = False
 
     def submit(self, read: _Read) -> None:
-        with self._turn:
+        with self._lock:
             self._queue.append(read)
-            while not read.done.done() and self._writing:
-                self._turn.wait()
+            turn = not self._writing
+            self._writing = True
+        if not turn:
+            read.wake.wait()
             if read.done.done():
                 read.done.result()  # raises if its batch failed
                 return
-            batch, self._queue, self._writing = self._queue, [], True
+        with self._lock:  # its turn: the writing was handed over to it
+            batch, self._queue = self._queue, []
         try:
             self._write(batch)
         except BaseException as error:  # each request of the batch fails with its record
@@ -127,9 +146,13 @@ class _GroupCommit:
             for queued in batch:
                 queued.done.set_result(None)
         finally:
-            with self._turn:
-                self._writing = False
-                self._turn.notify_all()
+            for queued in batch:
+                queued.wake.set()
+            with self._lock:
+                if self._queue:
+                    self._queue[0].wake.set()  # the next batch is the oldest waiter's to write
+                else:
+                    self._writing = False
         read.done.result()
 
 

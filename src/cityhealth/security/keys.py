@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class SigningKey:
     private_key: ec.EllipticCurvePrivateKey
     created: datetime
 
-    @property
+    @cached_property  # derived once: every request's token is checked against it
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self.private_key.public_key()
 
