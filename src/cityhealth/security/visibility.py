@@ -29,6 +29,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    true,
     union_all,
 )
 
@@ -87,11 +88,22 @@ def related_patients(
 
 @functools.lru_cache(maxsize=32)
 def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str) -> Any:
-    """Built once per shape (building the statement costs more than running it)."""
+    """Built once per shape (building the statement costs more than running it).
+
+    Each part starts from the index rows naming the actors, which are few, and checks each
+    one's status on its own rows: started from the statuses instead, it would read every
+    active prescription or encounter of the city at every request."""
     parts = []
     for k, relation in enumerate(relations):
         a, s, c = idx_reference.alias(), idx_token.alias(), compartment.alias()
-        naming = select(a.c.shard, a.c.rid).where(
+        active = [
+            s.c.shard == a.c.shard,
+            s.c.rid == a.c.rid,
+            s.c.rtype == relation.rtype,
+            s.c.param == "status",
+            s.c.code.in_(relation.statuses),
+        ]
+        naming = [
             a.c.rtype == relation.rtype,
             a.c.param.in_(relation.actors),
             or_(
@@ -100,14 +112,15 @@ def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str)
                     for n in range(actors)
                 ]
             ),
-        )
-        active = select(s.c.shard, s.c.rid).where(
-            s.c.rtype == relation.rtype, s.c.param == "status", s.c.code.in_(relation.statuses)
-        )
+        ]
+        members = a.join(c, and_(c.c.shard == a.c.shard, c.c.rid == a.c.rid))
+        if dialect == "postgresql":  # LATERAL … LIMIT 1: a lookup per naming row, never a scan
+            status = select(literal(1).label("one")).where(*active).limit(1).lateral()
+            members = members.join(status, true())
+        else:
+            naming.append(exists().where(*active))
         parts.append(
-            select(literal(k).label("k"), c.c.patient_id).where(
-                own_rows(c, naming, dialect), own_rows(c, active, dialect)
-            )
+            select(literal(k).label("k"), c.c.patient_id).select_from(members).where(*naming)
         )
     return union_all(*parts)
 
