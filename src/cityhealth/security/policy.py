@@ -49,7 +49,6 @@ from cityhealth.security.visibility import (
     Relation,
     Visibility,
     held_by,
-    related_patients,
 )
 
 #: Types outside the patient compartment that every signed-in caller may read: the directory
@@ -230,11 +229,8 @@ class Policy:
             public_types=PUBLIC_TYPES if rules.public else frozenset(),
             patients=frozenset(patients),
             holder=ctx.organization if rules.holder else None,
-            relations=(
-                (lambda: related_patients(conn, rules.relations, actors))
-                if rules.relations and actors
-                else None
-            ),
+            relations=rules.relations,
+            actors=actors,
             consents=(lambda: self.grants(actors, conn)) if rules.consents and actors else None,
             emergencies=(
                 (lambda: frozenset(self.emergency_patients(ctx, conn)))

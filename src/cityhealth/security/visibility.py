@@ -23,7 +23,6 @@ from sqlalchemy import (
     Connection,
     FromClause,
     and_,
-    bindparam,
     exists,
     literal,
     not_,
@@ -64,37 +63,20 @@ class Relation:
     types: frozenset[str] | None = None
 
 
-@dataclass(frozen=True)
-class Opened:
-    """Patients whose records of `types` (None: all) a relation opens to the caller."""
-
-    types: frozenset[str] | None
-    patients: frozenset[str]
-
-
+@functools.lru_cache(maxsize=1024)
 def related_patients(
-    conn: Connection, relations: tuple[Relation, ...], actors: tuple[tuple[str, str], ...]
-) -> list[Opened]:
-    """The patients each relation opens to `actors` (type, id), in one statement."""
-    params = {f"t{n}": kind for n, (kind, _) in enumerate(actors)}
-    params |= {f"i{n}": rid for n, (_, rid) in enumerate(actors)}
-    found: dict[int, set[str]] = {}
-    for row in conn.execute(_relations_query(relations, len(actors), conn.dialect.name), params):
-        found.setdefault(row.k, set()).add(row.patient_id)
-    return [
-        Opened(relations[k].types, frozenset(patients)) for k, patients in sorted(found.items())
-    ]
+    relations: tuple[Relation, ...], actors: tuple[tuple[str, str], ...], dialect: str
+) -> Any:
+    """A select of the patients `relations` relate to `actors` (type, id).
 
-
-@functools.lru_cache(maxsize=32)
-def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str) -> Any:
-    """Built once per shape (building the statement costs more than running it).
-
-    Each part starts from the index rows naming the actors, which are few, and checks each
-    one's status on its own rows: started from the statuses instead, it would read every
-    active prescription or encounter of the city at every request."""
+    It is part of the caller's condition, so the database reads it only for a row that nothing
+    cheaper (its holder, its compartment) already shows: a hospital searching its own records
+    never pays for it. Each part starts from the index rows naming the actors, which are few,
+    and checks each one's status on its own rows: started from the statuses instead, it would
+    read every active prescription or encounter of the city. Kept per caller: building the
+    statement costs more than the database spends on it."""
     parts = []
-    for k, relation in enumerate(relations):
+    for relation in relations:
         a, s, c = idx_reference.alias(), idx_token.alias(), compartment.alias()
         active = [
             s.c.shard == a.c.shard,
@@ -106,12 +88,7 @@ def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str)
         naming = [
             a.c.rtype == relation.rtype,
             a.c.param.in_(relation.actors),
-            or_(
-                *[
-                    and_(a.c.target_type == bindparam(f"t{n}"), a.c.target_id == bindparam(f"i{n}"))
-                    for n in range(actors)
-                ]
-            ),
+            or_(*[and_(a.c.target_type == t, a.c.target_id == i) for t, i in actors]),
         ]
         members = a.join(c, and_(c.c.shard == a.c.shard, c.c.rid == a.c.rid))
         if dialect == "postgresql":  # LATERAL … LIMIT 1: a lookup per naming row, never a scan
@@ -119,10 +96,8 @@ def _relations_query(relations: tuple[Relation, ...], actors: int, dialect: str)
             members = members.join(status, true())
         else:
             naming.append(exists().where(*active))
-        parts.append(
-            select(literal(k).label("k"), c.c.patient_id).select_from(members).where(*naming)
-        )
-    return union_all(*parts)
+        parts.append(select(c.c.patient_id).select_from(members).where(*naming))
+    return union_all(*parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass(frozen=True)
@@ -143,8 +118,9 @@ class Visibility:
     public_types: frozenset[str] = frozenset()  # types every signed-in caller may read
     patients: frozenset[str] = frozenset()  # whole compartments (own, child)
     holder: str | None = None  # "Organization/<id>" whose records are seen
+    relations: tuple[Relation, ...] = ()  # relations of care naming one of `actors`
+    actors: tuple[tuple[str, str], ...] = ()  # (type, id): the caller, their organization
     # Read only when a condition needs them (not for a record the caller's institution holds):
-    relations: Callable[[], list[Opened]] | None = None  # patients of active relations
     emergencies: Callable[[], frozenset[str]] | None = None  # break-glass declarations open
     consents: Callable[[], tuple[Grant, ...]] | None = None  # Consents in force
     deidentified: bool = False  # identifying elements are removed from what is returned
@@ -152,10 +128,6 @@ class Visibility:
     @functools.cached_property
     def grants(self) -> tuple[Grant, ...]:
         return self.consents() if self.consents is not None else ()
-
-    @functools.cached_property
-    def related(self) -> list[Opened]:
-        return self.relations() if self.relations is not None else []
 
     @functools.cached_property
     def in_emergency(self) -> frozenset[str]:
@@ -190,8 +162,12 @@ class Visibility:
             options.append(self._in_compartments(r, sorted(whole)))
         if self.holder:
             options.append(_tagged(r, HOLDER, self.holder))
-        for opened in self.related:
-            options.append(self._opened(r, opened))
+        if self.actors:
+            by_types: dict[frozenset[str] | None, list[Relation]] = {}
+            for relation in self.relations:
+                by_types.setdefault(relation.types, []).append(relation)
+            for types, relations in by_types.items():
+                options.append(self._related(r, types, tuple(relations)))
         for grant in self.grants:
             options.append(self._granted(r, grant))
         return and_(*limit, or_(*options)) if options else literal(False)
@@ -228,11 +204,13 @@ class Visibility:
             r, select(c.c.shard, c.c.rid).where(c.c.patient_id.in_(patients)), self.dialect
         )
 
-    def _opened(self, r: FromClause, opened: Opened) -> ColumnElement[bool]:
-        records = self._in_compartments(r, sorted(opened.patients))
-        if opened.types is None:
-            return records
-        return and_(r.c.type.in_(sorted(opened.types)), records)
+    def _related(
+        self, r: FromClause, types: frozenset[str] | None, relations: tuple[Relation, ...]
+    ) -> ColumnElement[bool]:
+        """`r` is one of `types` (None: any) in the compartment of a patient of `relations`."""
+        patients = related_patients(relations, self.actors, self.dialect)
+        records = self._in_compartments(r, patients)
+        return records if types is None else and_(r.c.type.in_(sorted(types)), records)
 
     def _granted(self, r: FromClause, grant: Grant) -> ColumnElement[bool]:
         """consent_shape.ConsentTerms.covers, as SQL over the row's index rows."""
