@@ -29,7 +29,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    union_all,
 )
 
 from cityhealth.fhir import jsonio, store
@@ -66,8 +65,9 @@ class Relation:
 @functools.lru_cache(maxsize=1024)
 def related_patients(
     relations: tuple[Relation, ...], actors: tuple[tuple[str, str], ...], dialect: str
-) -> Any:
-    """A select of the patients `relations` relate to `actors` (type, id).
+) -> tuple[Any, ...]:
+    """Selects of the patients each of `relations` relates to `actors` (type, id): plain
+    selects, one per relation, as the distribution of the store requires (no IN over a union).
 
     It is part of the caller's condition, so the database reads it only for a row that nothing
     cheaper (its holder, its compartment) already shows: a hospital searching its own records
@@ -97,7 +97,7 @@ def related_patients(
         else:
             naming.append(exists().where(*active))
         parts.append(select(c.c.patient_id).select_from(members).where(*naming))
-    return union_all(*parts) if len(parts) > 1 else parts[0]
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -208,8 +208,11 @@ class Visibility:
         self, r: FromClause, types: frozenset[str] | None, relations: tuple[Relation, ...]
     ) -> ColumnElement[bool]:
         """`r` is one of `types` (None: any) in the compartment of a patient of `relations`."""
-        patients = related_patients(relations, self.actors, self.dialect)
-        records = self._in_compartments(r, patients)
+        c = compartment.alias()
+        patients = or_(
+            *[c.c.patient_id.in_(p) for p in related_patients(relations, self.actors, self.dialect)]
+        )
+        records = own_rows(r, select(c.c.shard, c.c.rid).where(patients), self.dialect)
         return records if types is None else and_(r.c.type.in_(sorted(types)), records)
 
     def _granted(self, r: FromClause, grant: Grant) -> ColumnElement[bool]:
