@@ -197,8 +197,8 @@ class Visibility:
         )
 
     # -- the parts of the condition --------------------------------------------------------
-    def _in_compartments(self, r: FromClause, patients: Any) -> ColumnElement[bool]:
-        """`r` is in the compartment of one of `patients` (ids, or a select of them)."""
+    def _in_compartments(self, r: FromClause, patients: list[str]) -> ColumnElement[bool]:
+        """`r` is in the compartment of one of `patients`."""
         c = compartment.alias()
         return own_rows(
             r, select(c.c.shard, c.c.rid).where(c.c.patient_id.in_(patients)), self.dialect
