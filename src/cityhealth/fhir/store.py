@@ -336,6 +336,8 @@ def _spelled(row: tuple[Any, ...]) -> tuple[Any, ...]:
 def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
     """Index rows and compartment membership of the entries: on PostgreSQL one fixed
     statement unless some table gets a bulk load's share (COPY), else one per table."""
+    if not entries:
+        return
     batches: list[tuple[Table, tuple[str, ...], list[tuple[Any, ...]]]] = []
     for kind, table in INDEX_TABLES.items():
         rows = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
