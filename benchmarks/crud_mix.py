@@ -97,6 +97,7 @@ VARIANTS = {
 CALLERS = {
     "hospital": "Organization/bench-hospital",
     "platform": None,
+    "unsecured": None,  # unsecured.py: the same engine without token, rules or audit
 }
 TARGET_RPS = 1100
 TARGET_P99_MS = 50.0
@@ -832,7 +833,9 @@ def parse_args() -> argparse.Namespace:
         choices=tuple(CALLERS),
         default="hospital",
         help="hospital: a system client of one organization, whose access rules filter; "
-        "platform: the platform's client without organization, which sees everything",
+        "platform: the platform's client without organization, which sees everything; "
+        "unsecured: the same server with its security taken out (benchmarks/unsecured.py), "
+        "the baseline of what the security costs",
     )
     parser.add_argument(
         "--no-balance",
@@ -868,6 +871,11 @@ def main() -> int:
         f"CITYHEALTH_ACCESS_TOKEN_MINUTES={ACCESS_TOKEN_MINUTES} (one token for the whole run)"
     )
     organization = CALLERS[args.caller]
+    if args.caller == "unsecured":
+        print(
+            "server: benchmarks/unsecured.py — the same application with its security taken "
+            "out: no token checked, no access rule, no AuditEvent (the baseline)"
+        )
     print(
         f"requests as {args.caller}: a system client ({SYSTEM_SCOPE}) "
         + (
@@ -883,7 +891,10 @@ def main() -> int:
     configs += [("sqlite", w) for w in args.sqlite_workers if "sqlite" in args.databases]
     runs = []
     for database, workers in configs:
-        with Server(database, workers, args.pg_admin) as server:
+        server = Server(database, workers, args.pg_admin)
+        if args.caller == "unsecured":
+            server.command = (sys.executable, str(HERE / "unsecured.py"))
+        with server:
             server.sign_in(f"bench-{args.caller}-{uuid.uuid4().hex[:8]}", organization)
             for variant in args.variants:
                 for loader in loaders:

@@ -793,8 +793,8 @@ def compare_custom_plans(
     url: str, queries: list[Query], auto: list[Figures], args: argparse.Namespace
 ) -> None:
     """The same queries on a second server whose connections always plan with the values
-    (PGOPTIONS), against the default, where psycopg prepares a statement after 5 runs and
-    PostgreSQL may then switch to a generic plan."""
+    (PGOPTIONS), against the default, where a search goes unprepared (planned with its values
+    too) and the engine's fixed statements by key are prepared (generic plans)."""
     previous = os.environ.get("PGOPTIONS")
     os.environ["PGOPTIONS"] = CUSTOM_PLANS
     try:

@@ -12,6 +12,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 _WRITE = "cityhealth_write"
+#: Execution option of the engine's fixed statements (`store.run`): prepared on PostgreSQL.
+PREPARED = "cityhealth_prepared"
 
 
 class Database:
@@ -39,15 +41,20 @@ class Database:
             # A little overflow for threads outside the request limiter (jobs, start-up). No
             # ping per checkout (a round trip per request): a dropped connection fails one
             # request with 503, and SQLAlchemy then renews the whole pool.
-            # Custom plans always: a search's best plan depends on its values (one patient's
-            # observations vs a whole code), and the generic plan PostgreSQL switches prepared
-            # statements to was measured 30 times slower on such a search at 1 M resources.
+            # Statements with values are prepared only when they ask (PREPARED): the fixed ones
+            # of every request, whose plan does not depend on their values, then skip planning
+            # (a generic plan after five). A search is sent unprepared, so PostgreSQL plans it
+            # for its values every time: one patient's observations and a whole code need
+            # different plans, and a generic one was measured 30 times slower at 1 M resources.
             self.engine = create_engine(
                 self.url,
                 pool_size=pool_size,
                 max_overflow=4,
-                connect_args={"options": "-c plan_cache_mode=force_custom_plan"},
+                # psycopg prepares what ran this many times: none but PREPARED (None would
+                # disable preparing altogether).
+                connect_args={"prepare_threshold": 2**31},
             )
+            event.listen(self.engine, "do_execute", _execute_prepared)
             self._write_lock = nullcontext()
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
 
@@ -88,6 +95,14 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     ):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def _execute_prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """Execute a PREPARED statement as a prepared one (psycopg); True when it did."""
+    if not context.execution_options.get(PREPARED):
+        return False
+    cursor.execute(statement, parameters, prepare=True)
+    return True
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

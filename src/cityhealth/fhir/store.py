@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Float, Integer, Table, insert, text
 
+from cityhealth.db import PREPARED
 from cityhealth.fhir import jsonio
 from cityhealth.fhir.clock import instant
 from cityhealth.fhir.indexing import IndexRows
@@ -75,14 +76,18 @@ _COLUMNS = "rid, shard, type, id, version, last_updated, deleted, body"
 _PG_TEXT: dict[str, str] = {}
 
 
-def run(conn: Connection, sql: str, params: Any = ()) -> CursorResult[Any]:
+def run(conn: Connection, sql: str, params: Any = (), prepare: bool = True) -> CursorResult[Any]:
     """Execute a fixed statement written with `?` placeholders straight through the driver.
 
     The hot statements of every request skip SQLAlchemy's expression building and compiling,
-    which cost more than the statements themselves."""
+    which cost more than the statements themselves; on PostgreSQL they are prepared, so that
+    they are neither parsed nor planned again (`prepare` False for a text that varies)."""
     if conn.dialect.name == "postgresql":
         sql = _PG_TEXT.get(sql) or _PG_TEXT.setdefault(sql, sql.replace("?", "%s"))
-    return conn.exec_driver_sql(sql, params)
+    return conn.exec_driver_sql(sql, params, execution_options=_OPTIONS[prepare])
+
+
+_OPTIONS = {True: {PREPARED: True}, False: {}}
 
 
 def stored_row(row: Any, method: str = "PUT") -> Stored:
@@ -153,7 +158,8 @@ def bulk(
     elif len(rows) >= COPY_THRESHOLD:
         _copy(conn, table, columns, rows)
     else:  # one statement, not one per row as psycopg's executemany sends
-        run(conn, insert + ", ".join([marks] * len(rows)), tuple(v for row in rows for v in row))
+        sql = insert + ", ".join([marks] * len(rows))  # a text per row count: prepared if one
+        run(conn, sql, tuple(v for row in rows for v in row), prepare=len(rows) == 1)
 
 
 def insert_new(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
@@ -269,7 +275,7 @@ _CLEAR_ALL = (
 def clear_index(conn: Connection, shard: int, rid: int) -> None:
     """Remove the index rows and compartment membership of one resource."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_CLEAR_ALL, {"shard": shard, "rid": rid})
+        conn.exec_driver_sql(_CLEAR_ALL, {"shard": shard, "rid": rid}, _OPTIONS[True])
     else:  # SQLite has no data-modifying WITH; its statements cost no round trip
         for name in _CLEARED:
             run(conn, f"DELETE FROM {name} WHERE shard = ? AND rid = ?", (shard, rid))
@@ -350,7 +356,7 @@ def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
             jsonio.dumps([_spelled(row) for row in rows] if table in _FLOATS else rows).decode()
             for table, _, rows in batches
         )
-        conn.exec_driver_sql(_WRITE_INDEX, params)
+        conn.exec_driver_sql(_WRITE_INDEX, params, _OPTIONS[True])
         return
     for table, columns, rows in batches:
         bulk(conn, table, columns, rows)
