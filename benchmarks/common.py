@@ -632,10 +632,10 @@ class Server:
         """Start measuring the CPU PostgreSQL spends for this server's database."""
         if self.backend != "postgresql":
             return None
-        with psycopg.connect(self.admin_url) as conn:
+        with psycopg.connect(self.admin_url) as conn:  # its process is read while it lives
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None
-        fields = _stat_fields(int(row[0]))
+            assert row is not None
+            fields = _stat_fields(int(row[0]))
         assert fields is not None
         return PostgresCpu(int(fields[1]), self.database)
 

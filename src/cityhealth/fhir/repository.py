@@ -336,8 +336,9 @@ class Repository:
             if rtype in APPEND_ONLY:
                 raise append_only(rtype)
             self.policy.check_write(ctx, tx, rtype, "delete", set(), previous)
-            row = (previous.shard, previous.rid)
-            patients = patients_by_row(tx, [row]) if audited(ctx) else {}
+            row = {(previous.shard, previous.rid): f"{rtype}/{rid}"}
+            compartments = self.definitions.patient_compartment
+            patients = patients_by_row(tx, row, compartments) if audited(ctx) else {}
             us = now_us()
             shard = previous.shard  # a deleted resource stays where it was
             stored = Stored(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,12 +68,20 @@ def audited(ctx: AccessContext) -> bool:
 
 
 def patients_by_row(
-    conn: Connection, rows: Iterable[tuple[int, int]]
+    conn: Connection, refs: Mapping[tuple[int, int], str], compartment_types: Container[str]
 ) -> dict[tuple[int, int], set[str]]:
-    """The patients whose compartments each row (shard, rid) is in."""
-    rows = list(rows)
+    """The patients whose compartments each row (shard, rid) → `Type/id` is in: a Patient is in
+    its own, a type outside the Patient compartment in none (as `Repository.index` writes the
+    compartment rows), any other as its compartment rows say."""
     found: dict[tuple[int, int], set[str]] = {}
-    for row in _compartment_rows(conn, rows):
+    asked = []
+    for row, ref in refs.items():
+        rtype, _, rid = ref.partition("/")
+        if rtype == "Patient":
+            found[row] = {rid}
+        elif rtype in compartment_types:
+            asked.append(row)
+    for row in _compartment_rows(conn, asked):
         found.setdefault((row.shard, row.rid), set()).add(row.patient_id)
     return found
 
@@ -181,7 +189,7 @@ class Auditor:
             return
         seen = Seen()
         seen.add(stored)
-        by_row = patients if patients is not None else patients_by_row(conn, seen.refs)
+        by_row = patients if patients is not None else self._patients(conn, seen.refs)
         self._store(conn, self._events(conn, ctx, interaction, seen, by_row))
 
     @contextmanager
@@ -216,19 +224,24 @@ class Auditor:
         if not audited(ctx) or seen.recorded:
             return
         if conn is not None:
-            by_row = patients_by_row(conn, seen.refs)
+            by_row = self._patients(conn, seen.refs)
             self._store(conn, self._events(conn, ctx, interaction, seen, by_row, query, what))
         else:
             self._reads.submit(_Read(ctx, interaction, seen, query, what))
 
     def _store_reads(self, reads: list[_Read]) -> None:
         with self.repository.db.write() as conn:
-            by_row = patients_by_row(conn, [row for read in reads for row in read.seen.refs])
+            by_row = self._patients(conn, {k: v for r in reads for k, v in r.seen.refs.items()})
             events = []
             for r in reads:
                 mine = {row: by_row[row] for row in r.seen.refs if row in by_row}
                 events += self._events(conn, r.ctx, r.interaction, r.seen, mine, r.query, r.what)
             self._store(conn, events)
+
+    def _patients(
+        self, conn: Connection, refs: Mapping[tuple[int, int], str]
+    ) -> dict[tuple[int, int], set[str]]:
+        return patients_by_row(conn, refs, self.repository.definitions.patient_compartment)
 
     def _store(self, conn: Connection, events: list[dict[str, Any]]) -> None:
         items: list[tuple[str, Any, str | None]] = [("AuditEvent", e, None) for e in events]
