@@ -5,6 +5,7 @@ context)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from starlette.requests import HTTPConnection
@@ -13,6 +14,7 @@ from cityhealth.fhir.access import AccessContext
 from cityhealth.security.roles import ROLES
 from cityhealth.security.tokens import AccessClaims, InvalidToken, TokenService
 
+_SPACE = re.compile(r"\s")
 CHALLENGE = 'Bearer error="invalid_token"'  # RFC 6750 §3, for the 401 answer
 
 
@@ -37,7 +39,7 @@ def bearer_token(request: HTTPConnection) -> str | None:
     if scheme.lower() != "bearer":
         return None
     token = token.strip()
-    if not token or any(c.isspace() for c in token):
+    if not token or _SPACE.search(token):
         raise Unauthorized("malformed bearer token")
     return token
 

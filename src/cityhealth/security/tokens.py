@@ -51,6 +51,7 @@ class AccessClaims:
     jti: str
     issued_at: datetime
     expires_at: datetime
+    not_before: datetime
     organization: str | None = None
     fhir_user: str | None = None
     patient: str | None = None
@@ -73,7 +74,7 @@ class TokenService:
         self.access_lifetime = timedelta(minutes=access_minutes)
         self.clock = clock
         self.leeway = leeway
-        self._verified: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._verified: dict[str, tuple[str, AccessClaims]] = {}
 
     def issue_access_token(
         self,
@@ -117,20 +118,28 @@ class TokenService:
         self, token: str, *, is_revoked: Callable[[str], bool] | None = None
     ) -> AccessClaims:
         """The claims of a valid token; `InvalidToken` for anything else. A token's signature
-        is checked once: its claims are kept (`_verified`) while its key is published, and its
-        times and revocation are checked at every use."""
+        and claims are checked once: they are kept (`_verified`) while its key is published,
+        and its times and revocation are checked at every use."""
         known = self._verified.get(token)
         if known is not None and self.keyring.public_key(known[0]) is not None:
-            claims = known[1]
+            result = known[1]
         else:
             kid, claims = self._decode(token)
+            result = _access_claims(claims)
             if len(self._verified) >= _VERIFIED_MAX:
                 self._verified.clear()
-            self._verified[token] = (kid, claims)
-        result = self._claims(claims)
+            self._verified[token] = (kid, result)
+        self._check_times(result)
         if is_revoked is not None and is_revoked(result.jti):
             raise InvalidToken("revoked")
         return result
+
+    def _check_times(self, claims: AccessClaims) -> None:
+        now = self.clock()
+        if claims.expires_at <= now - self.leeway:
+            raise InvalidToken("expired")
+        if claims.not_before > now + self.leeway or claims.issued_at > now + self.leeway:
+            raise InvalidToken("not yet valid")
 
     def _decode(self, token: str) -> tuple[str, dict[str, Any]]:
         """The key id and claims of a token whose header and signature are valid."""
@@ -173,34 +182,30 @@ class TokenService:
             raise InvalidToken(f"invalid token: {error}") from None
         return kid, claims
 
-    def _claims(self, claims: dict[str, Any]) -> AccessClaims:
-        now = self.clock()
-        issued_at, not_before, expires_at = (
-            _instant(claims, name) for name in ("iat", "nbf", "exp")
-        )
-        if expires_at <= now - self.leeway:
-            raise InvalidToken("expired")
-        if not_before > now + self.leeway or issued_at > now + self.leeway:
-            raise InvalidToken("not yet valid")
-        for name in ("sub", "jti", "scope", "role", "client_id"):
-            if not isinstance(claims[name], str):
-                raise InvalidToken(f"claim {name} is not a string")
-        for name in _OPTIONAL:
-            if not isinstance(claims.get(name, ""), str):
-                raise InvalidToken(f"claim {name} is not a string")
-        return AccessClaims(
-            subject=claims["sub"],
-            scopes=tuple(claims["scope"].split()),
-            role=claims["role"],
-            client_id=claims["client_id"],
-            jti=claims["jti"],
-            issued_at=issued_at,
-            expires_at=expires_at,
-            organization=claims.get("org"),
-            fhir_user=claims.get("fhirUser"),
-            patient=claims.get("patient"),
-            extra={k: v for k, v in claims.items() if k not in _RESERVED},
-        )
+
+def _access_claims(claims: dict[str, Any]) -> AccessClaims:
+    """The claims of a token whose signature is valid, each of the type it must have."""
+    issued_at, not_before, expires_at = (_instant(claims, name) for name in ("iat", "nbf", "exp"))
+    for name in ("sub", "jti", "scope", "role", "client_id"):
+        if not isinstance(claims[name], str):
+            raise InvalidToken(f"claim {name} is not a string")
+    for name in _OPTIONAL:
+        if not isinstance(claims.get(name, ""), str):
+            raise InvalidToken(f"claim {name} is not a string")
+    return AccessClaims(
+        subject=claims["sub"],
+        scopes=tuple(claims["scope"].split()),
+        role=claims["role"],
+        client_id=claims["client_id"],
+        jti=claims["jti"],
+        issued_at=issued_at,
+        expires_at=expires_at,
+        not_before=not_before,
+        organization=claims.get("org"),
+        fhir_user=claims.get("fhirUser"),
+        patient=claims.get("patient"),
+        extra={k: v for k, v in claims.items() if k not in _RESERVED},
+    )
 
 
 def _instant(claims: dict[str, Any], name: str) -> datetime:
