@@ -278,6 +278,16 @@ class Repository:
             self.auditor.written(ctx, tx, "create", written, patients)
         return [WriteResult(stored, True) for stored in written]
 
+    def add_records(self, conn: Connection, events: list[dict[str, Any]]) -> list[Stored]:
+        """Store the platform's own records of access (AuditEvents) in the caller's
+        transaction: built by the platform, they are neither validated nor subject to the
+        access rules, and are recorded themselves by nothing more."""
+        items: list[tuple[dict[str, Any], str, str, Stored | None, Indexed]] = []
+        for event in events:
+            rid = str(uuid.uuid4())
+            items.append((event, "AuditEvent", rid, None, self._indexed(event, "AuditEvent", rid)))
+        return self._write(conn, items, "POST")
+
     def update(
         self,
         ctx: AccessContext,

@@ -33,7 +33,6 @@ from sqlalchemy import Connection, delete, func, insert, select
 
 from cityhealth.db import Database
 from cityhealth.fhir import jsonio, store
-from cityhealth.fhir.access import SYSTEM
 from cityhealth.fhir.schema import resource, resource_history
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.security.schema import audit_anchor, audit_chain, audit_pending
@@ -70,7 +69,8 @@ def link(prev_hash: str, seq: int, event: str, recorded_at: int, body_digest: st
 def record(repository: Repository, conn: Connection, event: dict[str, Any]) -> Stored:
     """Store an AuditEvent inside the caller's transaction: the action and its record commit or
     fail together (the repository queues every AuditEvent it writes for `settle`)."""
-    return repository.create(SYSTEM, event, "AuditEvent", conn=conn, validate=False).stored
+    (stored,) = repository.add_records(conn, [event])
+    return stored
 
 
 def insert_queued(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:

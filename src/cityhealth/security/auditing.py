@@ -244,8 +244,7 @@ class Auditor:
         return patients_by_row(conn, refs, self.repository.definitions.patient_compartment)
 
     def _store(self, conn: Connection, events: list[dict[str, Any]]) -> None:
-        items: list[tuple[str, Any, str | None]] = [("AuditEvent", e, None) for e in events]
-        self.repository.create_many(SYSTEM, items, conn, validate=False)
+        self.repository.add_records(conn, events)
 
     def _events(
         self,
