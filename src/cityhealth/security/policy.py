@@ -32,13 +32,11 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection
 
-from cityhealth.fhir import jsonio
+from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.errors import FhirError
-from cityhealth.fhir.schema import idx_reference, resource
-from cityhealth.fhir.search_sql import own_rows
 from cityhealth.fhir.store import Stored
 from cityhealth.security.break_glass import open_emergencies
 from cityhealth.security.consent_shape import read_consent
@@ -145,6 +143,15 @@ class Rules:
         return self.everything or self.own_compartments or self.holder
 
 
+#: The Consents naming one of the actors (`named`: one condition per actor); a fixed statement
+#: per number of actors, so that it is prepared once rather than built at every request.
+_CONSENTS = (
+    "SELECT r.body FROM resource r WHERE r.type = 'Consent' AND NOT r.deleted"
+    " AND (r.shard, r.rid) IN (SELECT k.shard, k.rid FROM idx_reference k"
+    " WHERE k.rtype = 'Consent' AND k.param = 'actor' AND ({named}))"
+)
+
+
 def rules_for(ctx: AccessContext) -> Rules:
     role = ctx.role
     if role == "resident":
@@ -243,19 +250,9 @@ class Policy:
     def grants(actors: tuple[tuple[str, str], ...], conn: Connection) -> tuple[Grant, ...]:
         """The Consents in force that name one of `actors` as recipient (read on every request,
         so that a revocation takes effect on the next one)."""
-        k, r = idx_reference.alias(), resource.alias()
-        naming = select(k.c.shard, k.c.rid).where(
-            k.c.rtype == "Consent",
-            k.c.param == "actor",
-            or_(*[and_(k.c.target_type == t, k.c.target_id == i) for t, i in actors]),
-        )
-        rows = conn.execute(
-            select(r.c.body).where(
-                r.c.type == "Consent",
-                r.c.deleted.is_(False),
-                own_rows(r, naming, conn.dialect.name),
-            )
-        )
+        named = " OR ".join(["(k.target_type = ? AND k.target_id = ?)"] * len(actors))
+        values = tuple(v for actor in actors for v in actor)
+        rows = store.run(conn, _CONSENTS.format(named=named), values)
         now = datetime.now(UTC)
         recipients = {f"{kind}/{rid}" for kind, rid in actors}
         found = []
