@@ -20,6 +20,8 @@ in with client credentials, as a hospital's system does: `--as hospital` (the de
 client of one hospital (an organization), whose access rules filter every read and search to
 the records it holds or the patients it treats; `--as platform` is the platform's own client
 (no organization), which sees everything. Both leave the audit trail of every request.
+`--as unsecured` runs the same application with its security taken out (unsecured.py: no token
+checked, no access rule, no AuditEvent), the baseline against which that security is measured.
 
     .venv/bin/python benchmarks/crud_mix.py            # the whole matrix, 7–9 minutes
     .venv/bin/python benchmarks/crud_mix.py --help

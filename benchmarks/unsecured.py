@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cityhealth.app import create_app as create_secured_app
-from cityhealth.config import get_settings
+from cityhealth.config import Settings, get_settings
+from cityhealth.db import Database
 from cityhealth.fhir.access import SYSTEM
 from cityhealth.migrate import upgrade
 from cityhealth.security.guard import BearerGuard
@@ -38,8 +39,8 @@ class NoGuard:
         await self.app(scope, receive, send)
 
 
-def create_app() -> FastAPI:
-    app = create_secured_app()
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    app = create_secured_app(settings, db)
     guards = [m for m in app.user_middleware if m.cls is BearerGuard]
     if len(guards) != 1:
         raise RuntimeError("the application no longer has one BearerGuard to replace")

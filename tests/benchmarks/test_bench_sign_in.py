@@ -45,6 +45,7 @@ def _load(name: str) -> ModuleType:
 
 common = _load("common")
 crud_mix = _load("crud_mix")
+unsecured = _load("unsecured")
 
 
 def register(url: str, cwd: Path, client_id: str, organization: str | None) -> str:
@@ -118,6 +119,25 @@ def test_a_platform_client_stamps_no_holder(platform: tuple[TestClient, str, Pat
     created = client.post("/fhir/Patient", content=orjson.dumps(PATIENT), headers=fhir)
     assert created.status_code == 201, created.text
     assert holders(created.json()) == []
+
+
+def test_the_unsecured_baseline_serves_without_token_rules_or_audit(tmp_path: Path) -> None:
+    """`crud_mix.py --as unsecured`: the same application, its security taken out."""
+    url = f"sqlite:///{tmp_path / 'cityhealth.db'}"
+    register(url, tmp_path, "bench-unsecured", None)  # creates the schema
+    db = Database(url, pool_size=4)
+    app = unsecured.create_app(Settings(database_url=url, keys_dir=tmp_path / "keys"), db)
+    fhir = {"Content-Type": "application/fhir+json"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        created = client.post("/fhir/Patient", content=orjson.dumps(PATIENT), headers=fhir)
+        assert created.status_code == 201, created.text
+        assert holders(created.json()) == []
+        found = client.get("/fhir/Patient", params={"_id": created.json()["id"]})
+        assert found.status_code == 200 and found.json()["total"] == 1
+    with db.read() as conn:
+        rows = conn.exec_driver_sql("SELECT type, count(*) FROM resource GROUP BY type").all()
+    db.dispose()
+    assert dict(rows) == {"Patient": 1}  # and no AuditEvent
 
 
 def test_a_wrong_secret_gets_no_token(platform: tuple[TestClient, str, Path]) -> None:

@@ -281,7 +281,7 @@ class Repository:
     def add_records(self, conn: Connection, events: list[dict[str, Any]]) -> list[Stored]:
         """Store the platform's own records of access (AuditEvents) in the caller's
         transaction: built by the platform, they are neither validated nor subject to the
-        access rules, and are recorded themselves by nothing more."""
+        access rules, and nothing records them in turn."""
         items: list[tuple[dict[str, Any], str, str, Stored | None, Indexed]] = []
         for event in events:
             rid = str(uuid.uuid4())
