@@ -670,8 +670,10 @@ def test_cli_export_writes_files_and_a_manifest(env: Env, cli: typer.Typer, tmp_
     result = CliRunner().invoke(cli, ["export", "--out", str(out), "--type", "Patient,Observation"])
     assert result.exit_code == 0, result.output
     expected = stored(env.engine)
-    assert f"Patient: {len(expected['Patient'])} resources in 1 file" in result.output
-    assert f"Observation: {len(expected['Observation'])} resources in 1 file" in result.output
+    for rtype in ("Patient", "Observation"):
+        count = len(expected[rtype])
+        resources = f"{count} resource" if count == 1 else f"{count} resources"
+        assert f"{rtype}: {resources} in 1 file" in result.output
     manifest = orjson.loads((out / "manifest.json").read_bytes())
     assert manifest["requiresAccessToken"] is True
     for item in manifest["output"]:

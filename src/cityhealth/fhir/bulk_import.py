@@ -38,11 +38,18 @@ from cityhealth.fhir.engine import FhirEngine
 from cityhealth.fhir.import_sources import NDJSON, Chunk, SourceFile, chunks, expand
 from cityhealth.fhir.import_units import BundleTask, UnitResult, one_line, run_unit
 from cityhealth.fhir.packages import PackageError
-from cityhealth.fhir.schema import INDEX_TABLES, compartment, resource, resource_history
+from cityhealth.fhir.schema import (
+    INDEX_TABLES,
+    care_link,
+    compartment,
+    resource,
+    resource_history,
+)
 
 Progress = Callable[[int], None]
 _STATISTICS_TABLES = [
-    table.name for table in (resource, resource_history, compartment, *INDEX_TABLES.values())
+    table.name
+    for table in (resource, resource_history, compartment, care_link, *INDEX_TABLES.values())
 ]
 
 

@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
@@ -51,11 +51,13 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 @dataclass(frozen=True)
 class Indexed:
-    """The index rows of a new version, the patients whose compartments it is in, its shard."""
+    """The index rows of a new version, the patients whose compartments it is in, its shard,
+    the relations of care it establishes."""
 
     rows: IndexRows
     patients: set[str]
     shard: int
+    links: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class Repository:
         # before it, so that an update knows the shard it is about to lock.
         rows = self.indexer.index(resource)
         patients = self._patients(rtype, rid, rows)
-        return Indexed(rows, patients, shard_key(rtype, rid, patients))
+        links = self.policy.care_links(rtype, rows, patients)
+        return Indexed(rows, patients, shard_key(rtype, rid, patients), links)
 
     @staticmethod
     def _lock(conn: Connection, rtype: str, rid: str, shard: int | None) -> Stored | None:
@@ -188,11 +191,10 @@ class Repository:
             version = previous.version + 1 if previous else 1
             us = now_us()
             body = self._stamp(resource, rid, version, us)
-            rows, patients, shard = indexed.rows, indexed.patients, indexed.shard
-            prepared.append((rtype, rid, shard, version, us, body, rows, patients, previous))
+            prepared.append((rtype, rid, indexed.shard, version, us, body, indexed, previous))
         new = [
             {"shard": s, "type": t, "id": i, "version": v, "last_updated": us, "body": b}
-            for t, i, s, v, us, b, _, _, previous in prepared
+            for t, i, s, v, us, b, _, previous in prepared
             if previous is None
         ]
         resources = [row for row in new if row["type"] not in APPEND_ONLY]
@@ -208,7 +210,7 @@ class Repository:
         written: list[Stored] = []
         kept: list[Stored] = []
         index: list[IndexEntry] = []
-        for rtype, rid, shard, version, us, body, rows, patients, previous in prepared:
+        for rtype, rid, shard, version, us, body, indexed, previous in prepared:
             row_id = new_rids[(rtype, rid)] if previous is None else previous.rid
             stored = Stored(row_id, shard, rtype, rid, version, us, False, body, method)
             if previous is not None:
@@ -220,7 +222,9 @@ class Repository:
             written.append(stored)
             if rtype not in APPEND_ONLY:  # their history and index come with audit.settle
                 kept.append(stored)
-                index.append(IndexEntry(row_id, shard, rtype, rows, patients))
+                index.append(
+                    IndexEntry(row_id, shard, rtype, indexed.rows, indexed.patients, indexed.links)
+                )
         store.add_history(conn, kept)
         store.write_index(conn, index)
         return written

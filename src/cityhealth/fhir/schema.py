@@ -1,10 +1,11 @@
 """Tables of the FHIR store (SQLAlchemy Core; one schema for SQLite and PostgreSQL).
 
 `resource` holds the current version of each resource, `resource_history` every version
-(deletes included), one `idx_*` table per search-parameter kind, and `compartment` the Patient
-compartment membership. Index rows carry the resource type so that every search is a range
-scan on (type, param, value). Every row of a resource carries its `shard` (sharding.py), the
-column these tables are distributed on with Citus (docs/scaling.md).
+(deletes included), one `idx_*` table per search-parameter kind, `compartment` the Patient
+compartment membership and `care_link` the relations of care resources establish. Index rows
+carry the resource type so that every search is a range scan on (type, param, value). Every
+row of a resource carries its `shard` (sharding.py), the column these tables are distributed
+on with Citus (docs/scaling.md).
 """
 
 from sqlalchemy import (
@@ -151,6 +152,23 @@ compartment = Table(
     Column("patient_id", Key, primary_key=True),
     _shard(),
     Index("ix_compartment_patient", "patient_id"),
+)
+
+#: Relations of care (cityhealth.security.care_links): a row says that resource `rid` (of
+#: `rtype`, in force) relates `actor` ("Organization/…", "Practitioner/…") to a patient under
+#: `relation`. Written and cleared with the resource's index rows, so that an access check
+#: looks up a patient's relations with one index probe instead of deriving them every time.
+care_link = Table(
+    "care_link",
+    metadata,
+    Column("rid", RowId, nullable=False),
+    Column("rtype", Key, nullable=False),
+    Column("relation", Key, nullable=False),
+    Column("actor", Text(), nullable=False),
+    Column("patient_id", Key, nullable=False),
+    _shard(),
+    Index("ix_care_link_patient", "patient_id", "actor", "relation"),
+    Index("ix_care_link_rid", "rid"),
 )
 
 INDEX_TABLES = {

@@ -18,6 +18,7 @@ DISTRIBUTED_TABLES = frozenset(
         "resource",
         "resource_history",
         "compartment",
+        "care_link",
         "idx_token",
         "idx_string",
         "idx_date",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, CursorResult, Float, Integer, Table, insert, text
@@ -21,6 +21,7 @@ from cityhealth.fhir.clock import instant
 from cityhealth.fhir.indexing import IndexRows
 from cityhealth.fhir.schema import (
     INDEX_TABLES,
+    care_link,
     compartment,
     resource,
     resource_history,
@@ -260,7 +261,7 @@ def move(conn: Connection, previous: Stored, new: Stored) -> None:
     add_history(conn, earlier)
 
 
-_CLEARED = [*(t.name for t in INDEX_TABLES.values()), compartment.name]
+_CLEARED = [*(t.name for t in INDEX_TABLES.values()), care_link.name, compartment.name]
 # PostgreSQL: one round trip for all the tables (most of the DELETEs find nothing).
 _CLEAR_ALL = (
     "WITH "
@@ -273,7 +274,7 @@ _CLEAR_ALL = (
 
 
 def clear_index(conn: Connection, shard: int, rid: int) -> None:
-    """Remove the index rows and compartment membership of one resource."""
+    """Remove the index rows, care links and compartment membership of one resource."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(_CLEAR_ALL, {"shard": shard, "rid": rid}, _OPTIONS[True])
     else:  # SQLite has no data-modifying WITH; its statements cost no round trip
@@ -290,6 +291,8 @@ class IndexEntry:
     type: str
     rows: IndexRows
     patients: set[str]  # the Patient compartments it belongs to
+    #: relations of care it establishes: (relation, actor, patient), see security.care_links
+    links: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _sql_type(column: Any) -> str:
@@ -307,10 +310,14 @@ def _json_insert(table: Table, columns: tuple[str, ...]) -> str:
     )
 
 
+_LINK_COLUMNS = ("rid", "shard", "rtype", "relation", "actor", "patient_id")
 _INDEX_TARGETS: list[tuple[Table, tuple[str, ...]]] = [
     (table, ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind]))
     for kind, table in INDEX_TABLES.items()
-] + [(compartment, ("rid", "shard", "patient_id"))]
+] + [
+    (care_link, _LINK_COLUMNS),
+    (compartment, ("rid", "shard", "patient_id")),
+]
 # PostgreSQL: every index table in one fixed statement, a table's rows in one JSON parameter:
 # the driver neither parses the text again nor sends it again (prepared), whatever the rows.
 _WRITE_INDEX = (
@@ -349,6 +356,8 @@ def write_index(conn: Connection, entries: list[IndexEntry]) -> None:
         rows = [(e.rid, e.shard, e.type, *v) for e in entries for v in getattr(e.rows, kind)]
         columns = ("rid", "shard", "rtype", "param", *_INDEX_COLUMNS[kind])
         batches.append((table, columns, rows))
+    links = [(e.rid, e.shard, e.type, *link) for e in entries for link in e.links]
+    batches.append((care_link, _LINK_COLUMNS, links))
     members = [(e.rid, e.shard, p) for e in entries for p in e.patients]
     batches.append((compartment, ("rid", "shard", "patient_id"), members))
     if conn.dialect.name == "postgresql" and all(len(b[2]) < COPY_THRESHOLD for b in batches):

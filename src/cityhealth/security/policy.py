@@ -37,17 +37,13 @@ from sqlalchemy import Connection
 from cityhealth.fhir import jsonio, store
 from cityhealth.fhir.access import AccessContext
 from cityhealth.fhir.errors import FhirError
+from cityhealth.fhir.indexing import IndexRows
 from cityhealth.fhir.store import Stored
 from cityhealth.security.break_glass import open_emergencies
+from cityhealth.security.care_links import ACTOR_TYPES, Link, Relation, links
 from cityhealth.security.consent_shape import read_consent
 from cityhealth.security.scopes import allows, parse_scopes
-from cityhealth.security.visibility import (
-    HOLDER,
-    Grant,
-    Relation,
-    Visibility,
-    held_by,
-)
+from cityhealth.security.visibility import HOLDER, Grant, Visibility, held_by
 
 #: Types outside the patient compartment that every signed-in caller may read: the directory
 #: of institutions and people, and definitions (codes, medicines, forms, profiles).
@@ -88,18 +84,22 @@ PUBLIC_TYPES = frozenset(
 #: Relations of care that open a patient's whole record to the practitioners they name.
 TREATMENT = (
     Relation(
+        "encounter",
         "Encounter",
         ("participant", "service-provider"),
         ("planned", "arrived", "triaged", "in-progress", "onleave"),
     ),
     Relation(
+        "appointment",
         "Appointment",
         ("actor",),
         ("proposed", "pending", "booked", "arrived", "checked-in", "waitlist"),
     ),
-    Relation("ServiceRequest", ("performer",), ("active", "on-hold")),  # referral, consultation
-    Relation("EpisodeOfCare", ("care-manager", "organization"), ("active",)),
-    Relation("CareTeam", ("participant",), ("active",)),  # e.g. the family doctor's team
+    Relation(
+        "referral", "ServiceRequest", ("performer",), ("active", "on-hold")
+    ),  # consultation too
+    Relation("episode", "EpisodeOfCare", ("care-manager", "organization"), ("active",)),
+    Relation("care-team", "CareTeam", ("participant",), ("active",)),  # a family doctor's team
 )
 #: What reviewing a prescription needs (处方审核): the patient, medicines, allergies, problems,
 #: observations (weight, renal and liver function).
@@ -117,8 +117,12 @@ REVIEW_TYPES = frozenset(
 )
 #: A prescription routed to a pharmacy names it as the intended dispenser.
 DISPENSING = Relation(
-    "MedicationRequest", ("intended-dispenser",), ("active", "on-hold"), REVIEW_TYPES
+    "dispensing", "MedicationRequest", ("intended-dispenser",), ("active", "on-hold"), REVIEW_TYPES
 )
+
+#: Every relation of care, whoever it opens records to.
+RELATIONS = (*TREATMENT, DISPENSING)
+_RELATION_TYPES = frozenset(relation.rtype for relation in RELATIONS)
 
 #: Purposes of use (v3-PurposeOfUse) under which a regulator, giving a reason, sees
 #: identifiable records: compliance and legal investigations, fraud, public-health cases.
@@ -162,7 +166,7 @@ def rules_for(ctx: AccessContext) -> Rules:
         return Rules(holder=True, relations=(DISPENSING,))
     if role == "system":
         if ctx.organization:
-            return Rules(holder=True, relations=(*TREATMENT, DISPENSING), consents=True)
+            return Rules(holder=True, relations=RELATIONS, consents=True)
         return Rules(everything=True)
     if role == "regulator":
         investigating = ctx.purpose in INVESTIGATION_PURPOSES and bool(ctx.reason)
@@ -225,7 +229,7 @@ class Policy:
                 ctx.who.partition("/")[::2],
                 ("Organization", _id(ctx.organization) or ""),
             )
-            if kind in ("Practitioner", "Organization") and rid
+            if kind in ACTOR_TYPES and rid
         )
         patients = set()
         if rules.own_compartments:
@@ -245,6 +249,12 @@ class Policy:
                 else None
             ),
         )
+
+    @staticmethod
+    def care_links(rtype: str, rows: IndexRows, patients: set[str]) -> list[Link]:
+        """The relations of care a resource with these index rows establishes (stored with it,
+        read by `Visibility` for whoever it relates)."""
+        return links(RELATIONS, rtype, rows, patients) if rtype in _RELATION_TYPES else []
 
     @staticmethod
     def grants(actors: tuple[tuple[str, str], ...], conn: Connection) -> tuple[Grant, ...]:

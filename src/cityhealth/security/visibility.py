@@ -5,9 +5,9 @@ paging, `_include`, chains and `_has` only ever meet visible rows. A single row 
 is judged by the same condition (`sees`). The rules that decide what goes into a Visibility are
 in cityhealth.security.policy; this module only turns them into SQL.
 
-Every condition stays on the row's own shard (index rows joined on shard and rid) or is an
-uncorrelated `(shard, rid) IN (SELECT …)`, as the distribution of the store requires
-(docs/scaling.md).
+Every condition stays on the row's own shard (index rows joined on shard and rid), is an
+uncorrelated `(shard, rid) IN (SELECT …)`, or looks up the row's patients in `care_link`, as
+the distribution of the store allows (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -16,25 +16,20 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
     FromClause,
-    and_,
-    exists,
     literal,
-    not_,
-    or_,
     select,
-    true,
 )
 
 from cityhealth.fhir import jsonio, store
-from cityhealth.fhir.schema import compartment, idx_reference, idx_token, resource
-from cityhealth.fhir.search_sql import own_rows
+from cityhealth.fhir.schema import resource
 from cityhealth.fhir.store import Stored
+from cityhealth.security.care_links import Relation
 from cityhealth.security.consent_shape import (
     ACT_CODE,
     CATEGORY_BY_CODE,
@@ -43,61 +38,12 @@ from cityhealth.security.consent_shape import (
     ConsentTerms,
 )
 from cityhealth.security.deidentify import deidentify
+from cityhealth.security.row_condition import Bound, RowCondition, Template
 
 T = TypeVar("T")
 
 #: meta.tag of every record: the institution that holds it (code "Organization/<id>").
 HOLDER = "https://cityhealth.cn/fhir/CodeSystem/record-holder"
-
-
-@dataclass(frozen=True)
-class Relation:
-    """Resources of `rtype` that name the caller (or the caller's organization) in one of the
-    reference parameters `actors`, with a status in `statuses`, relate the caller to their
-    patients; the relation opens those patients' records of `types` (None: all of them)."""
-
-    rtype: str
-    actors: tuple[str, ...]
-    statuses: tuple[str, ...]
-    types: frozenset[str] | None = None
-
-
-@functools.lru_cache(maxsize=1024)
-def related_patients(
-    relations: tuple[Relation, ...], actors: tuple[tuple[str, str], ...], dialect: str
-) -> tuple[Any, ...]:
-    """Selects of the patients each of `relations` relates to `actors` (type, id): plain
-    selects, one per relation, as the distribution of the store requires (no IN over a union).
-
-    It is part of the caller's condition, so the database reads it only for a row that nothing
-    cheaper (its holder, its compartment) already shows: a hospital searching its own records
-    never pays for it. Each part starts from the index rows naming the actors, which are few,
-    and checks each one's status on its own rows: started from the statuses instead, it would
-    read every active prescription or encounter of the city. Kept per caller: building the
-    statement costs more than the database spends on it."""
-    parts = []
-    for relation in relations:
-        a, s, c = idx_reference.alias(), idx_token.alias(), compartment.alias()
-        active = [
-            s.c.shard == a.c.shard,
-            s.c.rid == a.c.rid,
-            s.c.rtype == relation.rtype,
-            s.c.param == "status",
-            s.c.code.in_(relation.statuses),
-        ]
-        naming = [
-            a.c.rtype == relation.rtype,
-            a.c.param.in_(relation.actors),
-            or_(*[and_(a.c.target_type == t, a.c.target_id == i) for t, i in actors]),
-        ]
-        members = a.join(c, and_(c.c.shard == a.c.shard, c.c.rid == a.c.rid))
-        if dialect == "postgresql":  # LATERAL … LIMIT 1: a lookup per naming row, never a scan
-            status = select(literal(1).label("one")).where(*active).limit(1).lateral()
-            members = members.join(status, true())
-        else:
-            naming.append(exists().where(*active))
-        parts.append(select(c.c.patient_id).select_from(members).where(*naming))
-    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -151,26 +97,23 @@ class Visibility:
         """The condition a row of `r` (an alias of `resource`) must meet; None: no limit."""
         if self.unrestricted:
             return None
-        limit = [r.c.type.in_(sorted(self.types))] if self.types is not None else []
-        if self.everything:
-            return and_(*limit)
-        options: list[ColumnElement[bool]] = []
-        if self.public_types:
-            options.append(r.c.type.in_(sorted(self.public_types)))
-        whole = self.patients | self.in_emergency
-        if whole:
-            options.append(self._in_compartments(r, sorted(whole)))
-        if self.holder:
-            options.append(_tagged(r, HOLDER, self.holder))
-        if self.actors:
-            by_types: dict[frozenset[str] | None, list[Relation]] = {}
-            for relation in self.relations:
-                by_types.setdefault(relation.types, []).append(relation)
-            for types, relations in by_types.items():
-                options.append(self._related(r, types, tuple(relations)))
-        for grant in self.grants:
-            options.append(self._granted(r, grant))
-        return and_(*limit, or_(*options)) if options else literal(False)
+        return RowCondition(r, *self._condition)
+
+    @functools.cached_property
+    def _condition(self) -> tuple[str, Bound]:
+        whole = frozenset() if self.everything else self.patients | self.in_emergency
+        grants = () if self.everything else self.grants
+        return _condition(
+            self.dialect,
+            self.types,
+            self.everything,
+            self.public_types,
+            whole,
+            self.holder,
+            self.relations,
+            self.actors,
+            grants,
+        )
 
     def sees(self, conn: Connection, stored: Stored) -> bool:
         """Whether the caller may see the resource of this row (current or past version)."""
@@ -196,61 +139,105 @@ class Visibility:
             conn.execute(query.where(clause) if clause is not None else query).first() is not None
         )
 
-    # -- the parts of the condition --------------------------------------------------------
-    def _in_compartments(self, r: FromClause, patients: list[str]) -> ColumnElement[bool]:
-        """`r` is in the compartment of one of `patients`."""
-        c = compartment.alias()
-        return own_rows(
-            r, select(c.c.shard, c.c.rid).where(c.c.patient_id.in_(patients)), self.dialect
-        )
 
-    def _related(
-        self, r: FromClause, types: frozenset[str] | None, relations: tuple[Relation, ...]
-    ) -> ColumnElement[bool]:
-        """`r` is one of `types` (None: any) in the compartment of a patient of `relations`."""
-        c = compartment.alias()
-        patients = or_(
-            *[c.c.patient_id.in_(p) for p in related_patients(relations, self.actors, self.dialect)]
-        )
-        records = own_rows(r, select(c.c.shard, c.c.rid).where(patients), self.dialect)
-        return records if types is None else and_(r.c.type.in_(sorted(types)), records)
-
-    def _granted(self, r: FromClause, grant: Grant) -> ColumnElement[bool]:
-        """consent_shape.ConsentTerms.covers, as SQL over the row's index rows."""
-        terms = grant.terms
-        parts: list[ColumnElement[bool]] = [self._in_compartments(r, [grant.patient])]
-        if terms.categories is not None:
-            chosen = [CATEGORY_BY_CODE[code] for code in sorted(terms.categories)]
-            options: list[ColumnElement[bool]] = []
-            for category in chosen:
-                plain = [t for t in category.types if t not in SHARED_TYPES]
-                shared = [t for t in category.types if t in SHARED_TYPES]
-                if plain:
-                    options.append(r.c.type.in_(plain))
-                if shared:
-                    options.append(
-                        and_(r.c.type.in_(shared), _coded(r, "category", category.codings))
-                    )
-            parts.append(or_(*options))
-        denied = sorted(SENSITIVE_LABELS - terms.sensitive)
-        if denied:
-            parts.append(not_(_coded(r, "_security", [(ACT_CODE, label) for label in denied])))
-        return and_(*parts)
+# -- the parts of the condition (row_condition.Template text) ---------------------------------
+@functools.lru_cache(maxsize=4096)
+def _condition(
+    dialect: str,
+    types: frozenset[str] | None,
+    everything: bool,
+    public_types: frozenset[str],
+    whole: frozenset[str],
+    holder: str | None,
+    relations: tuple[Relation, ...],
+    actors: tuple[tuple[str, str], ...],
+    grants: tuple[Grant, ...],
+) -> tuple[str, Bound]:
+    """Visibility.clause's text and values, made once for each caller (see row_condition)."""
+    sql = Template(dialect)
+    limit = sql.member("{type}", types) if types is not None else None
+    if everything:
+        return limit or "true", sql.bound()
+    options = []
+    if public_types:
+        options.append(sql.member("{type}", public_types))
+    if whole:
+        options.append(_in_compartments(sql, whole))
+    if holder:
+        options.append(_coded(sql, "_tag", [(HOLDER, holder)]))
+    if actors:
+        by_types: dict[frozenset[str] | None, list[Relation]] = {}
+        for relation in relations:
+            by_types.setdefault(relation.types, []).append(relation)
+        for limited, related in by_types.items():
+            options.append(_related(sql, actors, limited, related))
+    options += [_granted(sql, grant) for grant in grants]
+    seen = " OR ".join(options) if options else "false"
+    return (f"{limit} AND ({seen})" if limit else seen), sql.bound()
 
 
-def _tagged(r: FromClause, system: str, code: str) -> ColumnElement[bool]:
-    return _coded(r, "_tag", [(system, code)])
-
-
-def _coded(r: FromClause, param: str, codings: Iterable[tuple[str, str]]) -> ColumnElement[bool]:
-    """The row has a token index row of `param` with one of the (system, code) pairs."""
-    t = idx_token.alias()
-    return exists().where(
-        t.c.shard == r.c.shard,
-        t.c.rid == r.c.rid,
-        t.c.param == param,
-        or_(*[and_(t.c.system == system, t.c.code == code) for system, code in codings]),
+def _related(
+    sql: Template,
+    actors: tuple[tuple[str, str], ...],
+    types: frozenset[str] | None,
+    relations: list[Relation],
+) -> str:
+    """The row is one of `types` (None: any) in the compartment of a patient whom one of
+    `relations` relates to one of `actors` (care_links)."""
+    named = sql.member("seen_l.actor", [f"{kind}/{rid}" for kind, rid in actors])
+    names = sql.member("seen_l.relation", [relation.name for relation in relations])
+    linked = (
+        "EXISTS (SELECT 1 FROM compartment seen_c"
+        " WHERE seen_c.shard = {shard} AND seen_c.rid = {rid} AND seen_c.patient_id IN"
+        f" (SELECT seen_l.patient_id FROM care_link seen_l WHERE {named} AND {names}))"
     )
+    return linked if types is None else f"({sql.member('{type}', types)} AND {linked})"
+
+
+def _in_compartments(sql: Template, patients: Iterable[str]) -> str:
+    """The row is in the compartment of one of `patients`: an uncorrelated list of rows, as
+    search_sql.own_rows writes it."""
+    chosen = sql.member("seen_c.patient_id", patients)
+    if sql.dialect == "sqlite":
+        return f"{{rid}} IN (SELECT seen_c.rid FROM compartment seen_c WHERE {chosen})"
+    return (
+        "({shard}, {rid}) IN"
+        f" (SELECT seen_c.shard, seen_c.rid FROM compartment seen_c WHERE {chosen})"
+    )
+
+
+def _coded(sql: Template, param: str, codings: Iterable[tuple[str, str]]) -> str:
+    """The row has a token index row of `param` with one of the (system, code) pairs."""
+    pairs = " OR ".join(
+        f"(seen_t.system = {sql.value(system)} AND seen_t.code = {sql.value(code)})"
+        for system, code in codings
+    )
+    return (
+        "EXISTS (SELECT 1 FROM idx_token seen_t WHERE seen_t.shard = {shard}"
+        f" AND seen_t.rid = {{rid}} AND seen_t.param = {sql.value(param)} AND ({pairs}))"
+    )
+
+
+def _granted(sql: Template, grant: Grant) -> str:
+    """consent_shape.ConsentTerms.covers, as SQL over the row's index rows."""
+    terms = grant.terms
+    parts = [_in_compartments(sql, [grant.patient])]
+    if terms.categories is not None:
+        options = []
+        for code in sorted(terms.categories):
+            category = CATEGORY_BY_CODE[code]
+            plain = [t for t in category.types if t not in SHARED_TYPES]
+            shared = [t for t in category.types if t in SHARED_TYPES]
+            if plain:
+                options.append(sql.member("{type}", plain))
+            if shared:
+                coded = _coded(sql, "category", category.codings)
+                options.append(f"({sql.member('{type}', shared)} AND {coded})")
+        parts.append("(" + (" OR ".join(options) or "false") + ")")
+    denied = sorted(SENSITIVE_LABELS - terms.sensitive)
+    if denied:
+        parts.append("NOT " + _coded(sql, "_security", [(ACT_CODE, label) for label in denied]))
+    return "(" + " AND ".join(parts) + ")"
 
 
 def held_by(body: str) -> str | None:
