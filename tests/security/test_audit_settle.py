@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from cityhealth.fhir.access import SYSTEM, AccessContext
 from cityhealth.fhir.engine import FhirEngine
+from cityhealth.fhir.errors import FhirError
 from cityhealth.fhir.schema import idx_reference, resource_history
 from cityhealth.security import audit
 from cityhealth.security.audit import Settler, queued, record, verify
@@ -72,12 +73,27 @@ def test_a_record_is_stored_with_its_action_then_indexed_and_chained_in_order(
     assert queued(engine.db) == 0
     assert all(indexed(engine, i) for i in ids)
     assert chain(engine)[-3:] == ids
-    history = select(func.count()).where(
-        resource_history.c.type == "AuditEvent", resource_history.c.id.in_(ids)
-    )
-    assert count(engine, history) == 3
     assert verify(engine.db) == []
     assert engine.repository.settle_audit() == 0  # nothing twice
+
+
+def test_a_record_is_its_only_version_in_every_history(engine: FhirEngine) -> None:
+    ids = [write(engine, f"p-h{n}") for n in range(2)]
+    copies = select(func.count()).where(
+        resource_history.c.type == "AuditEvent", resource_history.c.id.in_(ids)
+    )
+    assert count(engine, copies) == 0  # no second copy: the current row is the version
+    body = engine.repository.read(SYSTEM, "AuditEvent", ids[0]).body
+    assert engine.repository.vread(SYSTEM, "AuditEvent", ids[0], "1").body == body
+    with pytest.raises(FhirError):
+        engine.repository.vread(SYSTEM, "AuditEvent", ids[0], "2")
+    instance = engine.history(SYSTEM, [], "AuditEvent", ids[0]).entries
+    assert [(e.id, e.version, e.method) for e in instance] == [(ids[0], 1, "POST")]
+    of_type = engine.history(SYSTEM, [("_count", "2")], "AuditEvent")
+    assert [e.id for e in of_type.entries] == ids[::-1] and of_type.total is not None
+    patient = engine.repository.create(SYSTEM, {"resourceType": "Patient"}).stored
+    system = engine.history(SYSTEM, [("_count", "3")]).entries
+    assert [e.id for e in system] == [patient.id, *ids[::-1]]
 
 
 def test_a_rolled_back_action_leaves_no_queued_record(engine: FhirEngine) -> None:

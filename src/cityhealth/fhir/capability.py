@@ -8,8 +8,8 @@ from typing import Any
 from cityhealth import __version__
 from cityhealth.fhir.composites import composite_for
 from cityhealth.fhir.definitions import FHIR_VERSION, Definitions
-from cityhealth.fhir.repository import APPEND_ONLY
 from cityhealth.fhir.search_parse import REFUSED, SUPPORTED_TYPES
+from cityhealth.fhir.store import APPEND_ONLY
 
 TYPE_INTERACTIONS = (
     "read",

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, FromClause, and_, func, literal, or_, select, union_all
 
 from cityhealth.fhir.datetimes import date_range
 from cityhealth.fhir.errors import bad_request
 from cityhealth.fhir.schema import resource, resource_history
 from cityhealth.fhir.search import decode_cursor, encode_cursor
 from cityhealth.fhir.search_sql import own_rows
-from cityhealth.fhir.store import Stored
+from cityhealth.fhir.store import APPEND_ONLY, Stored
 from cityhealth.security.visibility import Visibility
 
 
@@ -59,12 +59,26 @@ def parse_history_params(
     return query
 
 
+def _versions(rtype: str | None) -> FromClause:
+    """The versions a history of `rtype` (None: every type) reads: the history rows, and the
+    current rows of the append-only types, which are their only version."""
+    h, r = resource_history, resource
+    if rtype is not None and rtype not in APPEND_ONLY:
+        return h
+    current = select(
+        *(literal("POST").label("method") if c.name == "method" else r.c[c.name] for c in h.c)
+    ).where(or_(*(r.c.type == t for t in sorted(APPEND_ONLY))))
+    if rtype is not None:
+        return current.subquery()
+    return union_all(select(h), current).subquery()
+
+
 def history(
     conn: Connection, query: HistoryQuery, visibility: Visibility | None = None
 ) -> HistoryPage:
     """A page of versions, newest first; with `visibility`, only versions of the resources the
     caller sees now (a deleted resource is then seen by the platform alone)."""
-    h = resource_history
+    h = _versions(query.rtype)
     where = []
     r = resource.alias("v")
     seen = visibility.clause(r) if visibility is not None else None
@@ -81,7 +95,7 @@ def history(
         where.append(h.c.last_updated >= query.since)
     if query.at is not None:
         low, high = query.at
-        later = resource_history.alias()
+        later = _versions(query.rtype).alias()
         superseded_at = (
             select(func.min(later.c.last_updated))
             .where(

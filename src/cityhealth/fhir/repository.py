@@ -27,17 +27,13 @@ from cityhealth.fhir.errors import (
 )
 from cityhealth.fhir.indexing import Indexer, IndexRows
 from cityhealth.fhir.sharding import shard_key
-from cityhealth.fhir.store import IndexEntry, Stored
+from cityhealth.fhir.store import APPEND_ONLY, IndexEntry, Stored
 from cityhealth.fhir.validation import Validator
 from cityhealth.security import audit as audit_chain
 from cityhealth.security.audit_events import record_patients
 from cityhealth.security.auditing import Auditor, audited, patients_by_row
 from cityhealth.security.policy import Policy
 from cityhealth.security.visibility import Visibility, held_by
-
-#: Records of access: added, never changed or deleted. Their history, index and chain rows are
-#: written by cityhealth.security.audit.settle, for many at a time, shortly after.
-APPEND_ONLY = frozenset({"AuditEvent"})
 
 
 def append_only(rtype: str) -> FhirError:
@@ -220,7 +216,7 @@ class Repository:
                 else:  # its compartment patient changed: the rows go to the new one's shard
                     store.move(conn, previous, stored)
             written.append(stored)
-            if rtype not in APPEND_ONLY:  # their history and index come with audit.settle
+            if rtype not in APPEND_ONLY:  # no history; their index comes with audit.settle
                 kept.append(stored)
                 index.append(
                     IndexEntry(row_id, shard, rtype, indexed.rows, indexed.patients, indexed.links)
@@ -391,7 +387,12 @@ class Repository:
         if not ID_PATTERN.match(rid) or not vid.isdigit():
             raise not_found(f"{rtype}/{rid}/_history/{vid} is not known")
         with self.reading(conn) as tx:
-            found = store.version(tx, rtype, rid, int(vid), shard=self.known_shard(rtype, rid))
+            shard = self.known_shard(rtype, rid)
+            if rtype in APPEND_ONLY:  # its current row is its only version
+                found = store.current(tx, rtype, rid, shard=shard)
+                found = found if found is not None and found.version == int(vid) else None
+            else:
+                found = store.version(tx, rtype, rid, int(vid), shard=shard)
             visibility = self.policy.visibility(ctx, tx)
             if found is not None and not self._sees_resource(visibility, tx, rtype, rid):
                 found = None

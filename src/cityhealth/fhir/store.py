@@ -132,6 +132,12 @@ def version(
     return None if row is None else stored_row(row, row.method)
 
 
+#: Records of access: added, never changed or deleted. Their current row is their only version
+#: (no history row: history and vread read it from `resource`); their index and chain rows
+#: are written by cityhealth.security.audit.settle, for many at a time, shortly after.
+APPEND_ONLY = frozenset({"AuditEvent"})
+
+
 #: From this many rows on, PostgreSQL gets them through COPY rather than INSERT.
 COPY_THRESHOLD = 50
 

@@ -3,7 +3,7 @@
 Each AuditEvent is stored through the repository, in the transaction of the action it records,
 with a row in `audit_pending`. `settle` then takes the queued events in order, many at a time
 (a background `Settler` every half second, and any reader of the trail first): it writes their
-history and index rows (residents and auditors search them like any resource) and gives each
+index rows (residents and auditors search them like any resource) and gives each
 the next row of `audit_chain`: its sequence number, the SHA-256 of its exact stored text, the
 previous row's hash and its own hash over all of these. An action so pays for one small row
 of its record, not for a dozen index rows and a turn of the chain's lock — the lock would
@@ -33,7 +33,7 @@ from sqlalchemy import Connection, delete, func, insert, select
 
 from cityhealth.db import Database
 from cityhealth.fhir import jsonio, store
-from cityhealth.fhir.schema import resource, resource_history
+from cityhealth.fhir.schema import resource
 from cityhealth.fhir.store import IndexEntry, Stored
 from cityhealth.security.schema import audit_anchor, audit_chain, audit_pending
 
@@ -107,8 +107,8 @@ _INSERT_QUEUED = (
 
 
 def settle(repository: Repository, wait: bool = True) -> int:
-    """Index, keep in history and chain the AuditEvents queued since the last pass, in the
-    order they were queued; how many. One pass at a time: with `wait` False, none if another
+    """Index and chain the AuditEvents queued since the last pass, in the order they were
+    queued; how many. One pass at a time: with `wait` False, none if another
     is at work."""
     settled = 0
     while True:
@@ -125,7 +125,6 @@ def settle(repository: Repository, wait: bool = True) -> int:
                 entries.append(
                     IndexEntry(event.rid, event.shard, event.type, indexed.rows, indexed.patients)
                 )
-            store.add_history(conn, events)
             store.write_index(conn, entries)
             append(conn, events)
             done = audit_pending.c.seq.in_([row.seq for row in rows])
@@ -282,8 +281,9 @@ def prune(db: Database, now_us: int, access_days: int, processing_days: int) -> 
 def _remove(conn: Connection, event: Stored) -> None:
     """An event and every trace of it in the store (its retention has ended)."""
     store.clear_index(conn, event.shard, event.rid)
-    for table in (resource_history, resource):
-        conn.execute(delete(table).where(table.c.shard == event.shard, table.c.rid == event.rid))
+    conn.execute(
+        delete(resource).where(resource.c.shard == event.shard, resource.c.rid == event.rid)
+    )
 
 
 def _chain_rows(conn: Connection) -> Iterator[Any]:
